@@ -1,0 +1,242 @@
+"""Process groups for tensor, data and pipeline parallelism over ``torch.distributed``.
+
+Rank layout (as in Megatron-Core's default "tp-dp-pp" order): tensor-parallel groups are blocks of
+contiguous ranks, data-parallel groups join ranks with the same TP and PP position, and
+pipeline-parallel groups stride over the whole world::
+
+    global_rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+
+Without ``torch.distributed`` initialised, and with every size 1, the module behaves as a single
+process (world size 1, rank 0, group ``None``) so that nothing needs a launcher.
+
+This module is the only global mutable state in the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+class ParallelStateError(RuntimeError):
+    """The requested parallel layout cannot be set up."""
+
+
+@dataclass
+class _ParallelState:
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: ProcessGroup | None
+    pp_group: ProcessGroup | None
+    dp_group: ProcessGroup | None
+    mp_group: ProcessGroup | None  # tensor x pipeline: one model replica
+    embedding_group: ProcessGroup | None  # first and last pipeline stage, for tied embeddings
+    pp_ranks: list[int]  # global ranks of this rank's pipeline group, by stage
+    embedding_ranks: list[int]
+
+
+_STATE: _ParallelState | None = None
+
+_SINGLE = _ParallelState(1, 1, 1, 0, 0, 0, None, None, None, None, None, [0], [0])
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+) -> None:
+    """Create the tensor-, data- and pipeline-parallel groups of the current world.
+
+    Args:
+        tensor_model_parallel_size: ranks that split each layer's weights.
+        pipeline_model_parallel_size: stages the layer stack is split into.
+
+    Raises:
+        ParallelStateError: torch.distributed is not initialised while a size > 1 is asked for,
+            the world size is not divisible by TP * PP, or the state is already initialised.
+    """
+    global _STATE
+    if _STATE is not None:
+        raise ParallelStateError(
+            "model parallel state is already initialised; call destroy_model_parallel() first"
+        )
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ParallelStateError(
+            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: sizes must be >= 1"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        if tp * pp != 1:
+            raise ParallelStateError(
+                f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} needs "
+                "torch.distributed: launch with torchrun and call "
+                "torch.distributed.init_process_group() first"
+            )
+        _STATE = _ParallelState(**vars(_SINGLE))
+        return
+
+    world, rank = _world()
+    if world % (tp * pp) != 0:
+        raise ParallelStateError(
+            f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
+            f"pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} processes"
+        )
+    dp = world // (tp * pp)
+
+    def rank_of(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+    groups: dict[str, ProcessGroup | None] = {}
+    pp_ranks_of_mine: list[int] = []
+    embedding_ranks_of_mine: list[int] = []
+    # Every rank must create every group, in the same order (torch.distributed's contract).
+    for d in range(dp):
+        for p in range(pp):
+            ranks = [rank_of(t, d, p) for t in range(tp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups["tp"] = group
+    for p in range(pp):
+        for t in range(tp):
+            ranks = [rank_of(t, d, p) for d in range(dp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups["dp"] = group
+    for d in range(dp):
+        for t in range(tp):
+            ranks = [rank_of(t, d, p) for p in range(pp)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups["pp"] = group
+                pp_ranks_of_mine = ranks
+            emb_ranks = [ranks[0], ranks[-1]] if pp > 1 else [ranks[0]]
+            emb_group = dist.new_group(emb_ranks)
+            if rank in emb_ranks:
+                groups["emb"] = emb_group
+                embedding_ranks_of_mine = emb_ranks
+    for d in range(dp):
+        ranks = [rank_of(t, d, p) for p in range(pp) for t in range(tp)]
+        group = dist.new_group(sorted(ranks))
+        if rank in ranks:
+            groups["mp"] = group
+
+    _STATE = _ParallelState(
+        tp_size=tp, pp_size=pp, dp_size=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+        tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"], mp_group=groups["mp"],
+        embedding_group=groups.get("emb"), pp_ranks=pp_ranks_of_mine, embedding_ranks=embedding_ranks_of_mine,
+    )
+
+
+def destroy_model_parallel() -> None:
+    """Forget the groups (the process group itself stays up; destroy it with torch.distributed)."""
+    global _STATE
+    _STATE = None
+
+
+def model_parallel_is_initialized() -> bool:
+    return _STATE is not None
+
+
+def _state() -> _ParallelState:
+    # Uninitialised state reads as a single process so that TP=1 code runs without setup.
+    return _STATE if _STATE is not None else _SINGLE
+
+
+# ---- tensor parallel
+def get_tensor_model_parallel_group() -> ProcessGroup | None:
+    return _state().tp_group
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _state().tp_size
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _state().tp_rank
+
+
+# ---- data parallel
+def get_data_parallel_group() -> ProcessGroup | None:
+    return _state().dp_group
+
+
+def get_data_parallel_world_size() -> int:
+    return _state().dp_size
+
+
+def get_data_parallel_rank() -> int:
+    return _state().dp_rank
+
+
+# ---- pipeline parallel
+def get_pipeline_model_parallel_group() -> ProcessGroup | None:
+    return _state().pp_group
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return _state().pp_size
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return _state().pp_rank
+
+
+def get_pipeline_model_parallel_ranks() -> list[int]:
+    """Global ranks of this rank's pipeline group, ordered by stage."""
+    return list(_state().pp_ranks)
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    state = _state()
+    return state.pp_ranks[(state.pp_rank + 1) % state.pp_size]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    state = _state()
+    return state.pp_ranks[(state.pp_rank - 1) % state.pp_size]
+
+
+def is_pipeline_first_stage() -> bool:
+    return _state().pp_rank == 0
+
+
+def is_pipeline_last_stage() -> bool:
+    state = _state()
+    return state.pp_rank == state.pp_size - 1
+
+
+# ---- model parallel (one replica) and embedding sync
+def get_model_parallel_group() -> ProcessGroup | None:
+    return _state().mp_group
+
+
+def get_embedding_group() -> ProcessGroup | None:
+    """Group of the first and last pipeline stage (tied word embeddings); None on middle stages."""
+    return _state().embedding_group
+
+
+def is_rank_in_embedding_group() -> bool:
+    _, rank = _world()
+    return rank in _state().embedding_ranks
+
+
+def group_world_size(group: ProcessGroup | None) -> int:
+    """World size of ``group``. ``None`` means "no parallelism here" (size 1), never WORLD."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    """This process's rank within ``group``; 0 for ``None``."""
+    return 0 if group is None else dist.get_rank(group)
