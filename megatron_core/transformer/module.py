@@ -77,14 +77,15 @@ def default_sharded_state_dict(
 ) -> ShardedStateDict:
     """Own parameters/buffers replicated over TP; children asked for their own sharding."""
     offsets = tuple(sharded_offsets)
-    own = {name: t for name, t in module._parameters.items() if t is not None}
+    own: dict[str, torch.Tensor] = {name: t for name, t in module._parameters.items() if t is not None}
     own.update({name: t for name, t in module._buffers.items()
                 if t is not None and name not in module._non_persistent_buffers_set})
     out = make_sharded_tensors_for_checkpoint(own, prefix, None, offsets)
     for name, child in module.named_children():
         child_prefix = f"{prefix}{name}."
-        if hasattr(child, "sharded_state_dict"):
-            out.update(child.sharded_state_dict(child_prefix, offsets, metadata))
+        own_sharding = getattr(child, "sharded_state_dict", None)
+        if callable(own_sharding):
+            out.update(own_sharding(child_prefix, offsets, metadata))
         else:
             out.update(default_sharded_state_dict(child, child_prefix, offsets, metadata))
     return out
