@@ -1,0 +1,394 @@
+"""Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
+
+Weights are split across the tensor-parallel group:
+
+* ``ColumnParallelLinear``: ``weight [out/tp, in]``, ``bias [out/tp]`` (output features split);
+* ``RowParallelLinear``: ``weight [out, in/tp]`` (input features split), ``bias [out]`` replicated;
+* ``VocabParallelEmbedding``: ``weight [vocab/tp, h]`` (vocabulary split).
+
+Initialisation is TP-invariant: the full weight is drawn on every rank from the default torch
+RNG (seeded the same on all TP ranks) and each rank keeps its slice, so a seed gives the same
+full weights at every TP size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron_core.tensor_parallel.utils import TensorParallelError, VocabUtility, divide
+from megatron_core.transformer.module import MegatronModule, make_sharded_tensors_for_checkpoint
+
+InitMethod = Callable[[torch.Tensor], Any]
+
+_TP_ATTRIBUTES = {"tensor_model_parallel": False, "partition_dim": -1, "partition_stride": 1}
+
+
+# ----------------------------------------------------------------------------- parameter attributes
+def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int) -> None:
+    """Tag a parameter with how it is split (read by grad clipping and optimizers)."""
+    tensor.tensor_model_parallel = is_parallel  # type: ignore[attr-defined]
+    tensor.partition_dim = dim  # type: ignore[attr-defined]
+    tensor.partition_stride = stride  # type: ignore[attr-defined]
+
+
+def set_defaults_if_not_set_tensor_model_parallel_attributes(tensor: torch.Tensor) -> None:
+    """Mark a parameter as replicated across TP unless it was tagged already."""
+    for name, value in _TP_ATTRIBUTES.items():
+        if not hasattr(tensor, name):
+            setattr(tensor, name, value)
+
+
+def copy_tensor_model_parallel_attributes(destination: torch.Tensor, source: torch.Tensor) -> None:
+    """Copy the TP tags of ``source`` onto ``destination``."""
+    for name in _TP_ATTRIBUTES:
+        if hasattr(source, name):
+            setattr(destination, name, getattr(source, name))
+
+
+def param_is_not_tensor_parallel_duplicate(param: torch.Tensor) -> bool:
+    """True for TP-split params and, for replicated ones, only on TP rank 0 (count each once)."""
+    return bool(getattr(param, "tensor_model_parallel", False)) or (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+    )
+
+
+# ----------------------------------------------------------------------------- initialisation
+def _tp_group_of(tp_group: ProcessGroup | None) -> ProcessGroup | None:
+    return parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group
+
+
+def _initialize_affine_weight(
+    weight: torch.Tensor,
+    full_shape: tuple[int, int],
+    partition_dim: int,
+    init_method: InitMethod,
+    stride: int,
+    rank: int,
+    world_size: int,
+    return_master_weight: bool = False,
+) -> torch.Tensor | None:
+    """Fill ``weight`` with this rank's slice of a full weight drawn from the default RNG.
+
+    The full (master) weight is cut into ``world_size * stride`` chunks along ``partition_dim``;
+    rank ``r`` keeps chunks ``r, r + world_size, ...`` concatenated. With ``stride=2`` a
+    ``[gate; up]`` matrix thus gives each rank ``[gate_r; up_r]``.
+    """
+    # Drawn in fp32 on the CPU generator: the same numbers on every rank, at every TP, on any device.
+    master = torch.empty(full_shape, dtype=torch.float32, device="cpu")
+    init_method(master)
+    per_partition = divide(full_shape[partition_dim], world_size, f"dimension {partition_dim} of the weight")
+    chunk = divide(per_partition, stride, f"per-rank dimension {partition_dim} (stride={stride})")
+    chunks = torch.split(master, chunk, dim=partition_dim)
+    mine = torch.cat(chunks[rank::world_size], dim=partition_dim)  # [per_partition, ...] along the split dim
+    with torch.no_grad():
+        weight.copy_(mine.to(dtype=weight.dtype))
+    return master.to(dtype=weight.dtype) if return_master_weight else None
+
+
+def _new_param(shape: tuple[int, ...], config: Any) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(shape, dtype=config.torch_dtype))
+
+
+def _zero_bias(size: int, config: Any) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.zeros(size, dtype=config.torch_dtype))
+
+
+# ----------------------------------------------------------------------------- column parallel
+class ColumnParallelLinear(MegatronModule):
+    """``Y = X A^T + b`` with ``A``'s output features split across TP ranks.
+
+    Input ``[s, b, in]`` (``[s/tp, b, in]`` with sequence parallelism, gathered first); output
+    ``[s, b, out/tp]``, or ``[s, b, out]`` with ``gather_output``. ``forward`` returns
+    ``(output, bias)``; the bias is ``None`` unless ``skip_bias_add``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        /,
+        *,
+        config: Any,
+        init_method: InitMethod,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        skip_bias_add: bool = False,
+        skip_weight_param_allocation: bool = False,
+        embedding_activation_buffer: list[torch.Tensor] | None = None,
+        is_expert: bool = False,
+        tp_comm_buffer_name: str | None = None,
+        tp_group: ProcessGroup | None = None,
+        disable_grad_reduce: bool = False,
+    ) -> None:
+        super().__init__(config)
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
+        self.is_expert = is_expert
+        self.tp_comm_buffer_name = tp_comm_buffer_name
+        self.embedding_activation_buffer = embedding_activation_buffer
+        self.disable_grad_reduce = disable_grad_reduce
+        self.tp_group = _tp_group_of(tp_group)
+        self.tp_size = parallel_state.group_world_size(self.tp_group)
+        self.tp_rank = parallel_state.group_rank(self.tp_group)
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        self.output_size_per_partition = divide(output_size, self.tp_size, "ColumnParallelLinear output_size")
+        if gather_output and self.sequence_parallel:
+            raise TensorParallelError(
+                "ColumnParallelLinear: gather_output=True with sequence_parallel=True is not supported; "
+                "keep the output split (gather_output=False) and gather where it is consumed"
+            )
+
+        self.master_weight: torch.Tensor | None = None
+        if skip_weight_param_allocation:
+            self.register_parameter("weight", None)
+        else:
+            self.weight = _new_param((self.output_size_per_partition, input_size), config)
+            set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+            if config.perform_initialization:
+                self.master_weight = _initialize_affine_weight(
+                    self.weight, (output_size, input_size), 0, init_method, stride, self.tp_rank,
+                    self.tp_size, return_master_weight=keep_master_weight_for_test,
+                )
+            self.weight.allreduce = not is_expert  # type: ignore[attr-defined]
+        if bias:
+            self.bias = _zero_bias(self.output_size_per_partition, config)
+            set_tensor_model_parallel_attributes(self.bias, True, 0, stride)
+            self.bias.allreduce = not is_expert  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the layer.
+
+        Args:
+            input_: ``[s, b, in]`` (``[s/tp, b, in]`` with sequence parallelism).
+            weight: the weight to use when the layer was built with ``skip_weight_param_allocation``
+                (e.g. a tied output layer); shape ``[out/tp, in]``.
+            runtime_gather_output: overrides ``gather_output`` for this call.
+
+        Returns:
+            ``(output, bias)``: output ``[s, b, out/tp]`` (``[s, b, out]`` when gathered).
+        """
+        if weight is None:
+            if self.weight is None:
+                raise TensorParallelError(
+                    "ColumnParallelLinear was built with skip_weight_param_allocation=True: pass the weight "
+                    f"to forward(input_, weight) with shape ({self.output_size_per_partition}, {self.input_size})"
+                )
+            weight = self.weight
+        elif tuple(weight.shape) != (self.output_size_per_partition, self.input_size):
+            raise TensorParallelError(
+                f"ColumnParallelLinear: weight passed to forward has shape {tuple(weight.shape)}, expected "
+                f"({self.output_size_per_partition}, {self.input_size}) = [output_size/tp, input_size]"
+            )
+
+        if self.sequence_parallel:
+            input_parallel = gather_from_sequence_parallel_region(input_, True, self.tp_group)  # [s/tp,b,h]->[s,b,h]
+        elif self.disable_grad_reduce:
+            input_parallel = input_
+        else:
+            input_parallel = copy_to_tensor_model_parallel_region(input_, self.tp_group)
+
+        bias = self.bias if not self.skip_bias_add else None
+        output_parallel = F.linear(input_parallel, weight, bias)  # [s, b, out/tp]
+
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        output = gather_from_tensor_model_parallel_region(output_parallel, self.tp_group) if gather \
+            else output_parallel  # [s, b, out]
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (), metadata: dict[str, Any] | None = None
+    ) -> ShardedStateDict:
+        """Weight and bias split along axis 0 (output features)."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0, "bias": 0}, sharded_offsets)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.input_size}, out_features={self.output_size}, "
+                f"per_partition={self.output_size_per_partition}, bias={self.bias is not None}, "
+                f"tp={self.tp_size}, gather_output={self.gather_output}")
+
+
+# ----------------------------------------------------------------------------- row parallel
+class RowParallelLinear(MegatronModule):
+    """``Y = X A^T + b`` with ``A``'s input features split across TP ranks.
+
+    Input ``[s, b, in/tp]`` (``input_is_parallel``) or ``[s, b, in]`` (scattered first); the partial
+    products are all-reduced (reduce-scattered to ``[s/tp, b, out]`` with sequence parallelism),
+    then the replicated bias is added, or returned when ``skip_bias_add``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        /,
+        *,
+        config: Any,
+        init_method: InitMethod,
+        bias: bool,
+        input_is_parallel: bool,
+        skip_bias_add: bool,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        is_expert: bool = False,
+        tp_comm_buffer_name: str | None = None,
+        tp_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.input_size, self.output_size = input_size, output_size
+        self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
+        self.is_expert = is_expert
+        self.tp_comm_buffer_name = tp_comm_buffer_name
+        self.tp_group = _tp_group_of(tp_group)
+        self.tp_size = parallel_state.group_world_size(self.tp_group)
+        self.tp_rank = parallel_state.group_rank(self.tp_group)
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        self.input_size_per_partition = divide(input_size, self.tp_size, "RowParallelLinear input_size")
+        if self.sequence_parallel and not input_is_parallel:
+            raise TensorParallelError(
+                "RowParallelLinear: sequence_parallel=True needs input_is_parallel=True (the input comes "
+                "from a column-parallel layer); got input_is_parallel=False"
+            )
+
+        self.weight = _new_param((output_size, self.input_size_per_partition), config)
+        set_tensor_model_parallel_attributes(self.weight, True, 1, stride)
+        self.master_weight: torch.Tensor | None = None
+        if config.perform_initialization:
+            self.master_weight = _initialize_affine_weight(
+                self.weight, (output_size, input_size), 1, init_method, stride, self.tp_rank, self.tp_size,
+                return_master_weight=keep_master_weight_for_test,
+            )
+        self.weight.allreduce = not is_expert  # type: ignore[attr-defined]
+        if bias:
+            self.bias = _zero_bias(output_size, config)
+            set_defaults_if_not_set_tensor_model_parallel_attributes(self.bias)
+            self.bias.allreduce = not is_expert  # type: ignore[attr-defined]
+            # Each rank adds the bias to its own sequence chunk: grads are partial, summed over TP later.
+            self.bias.sequence_parallel = self.sequence_parallel  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the layer.
+
+        Args:
+            input_: ``[s, b, in/tp]`` if ``input_is_parallel`` else ``[s, b, in]``.
+
+        Returns:
+            ``(output, bias)``: output ``[s, b, out]`` (``[s/tp, b, out]`` with sequence parallelism).
+        """
+        if self.input_is_parallel:
+            input_parallel = input_
+        else:
+            input_parallel = scatter_to_tensor_model_parallel_region(input_, self.tp_group)  # [.., in]->[.., in/tp]
+        output_parallel = F.linear(input_parallel, self.weight)  # partial sums [s, b, out]
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(output_parallel, self.tp_group)  # [s/tp, b, out]
+        else:
+            output = reduce_from_tensor_model_parallel_region(output_parallel, self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (), metadata: dict[str, Any] | None = None
+    ) -> ShardedStateDict:
+        """Weight split along axis 1 (input features); bias replicated."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 1}, sharded_offsets)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.input_size}, out_features={self.output_size}, "
+                f"per_partition={self.input_size_per_partition}, bias={self.bias is not None}, tp={self.tp_size}")
+
+
+# ----------------------------------------------------------------------------- vocab parallel embedding
+class VocabParallelEmbedding(MegatronModule):
+    """Embedding table split along the vocabulary: ``weight [vocab/tp, h]``.
+
+    Each rank looks up the ids in its range (zeros elsewhere) and the partial results are summed
+    over TP. With ``reduce_scatter_embeddings`` the output ``[b, s, h]`` is transposed to
+    ``[s, b, h]`` and reduce-scattered to ``[s/tp, b, h]`` (sequence parallelism).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        init_method: InitMethod,
+        config: Any,
+        reduce_scatter_embeddings: bool = False,
+        tp_group: ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.reduce_scatter_embeddings = reduce_scatter_embeddings
+        self.tp_group = _tp_group_of(tp_group)
+        self.tp_size = parallel_state.group_world_size(self.tp_group)
+        self.tp_rank = parallel_state.group_rank(self.tp_group)
+        if num_embeddings % self.tp_size != 0:
+            raise TensorParallelError(
+                f"VocabParallelEmbedding: vocabulary size {num_embeddings} is not divisible by the "
+                f"tensor-parallel size {self.tp_size}; pad the vocabulary to a multiple of {self.tp_size}"
+            )
+        self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
+            num_embeddings, self.tp_rank, self.tp_size
+        )
+        self.num_embeddings_per_partition = self.vocab_end_index - self.vocab_start_index
+        self.weight = _new_param((self.num_embeddings_per_partition, embedding_dim), config)
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        if config.perform_initialization:
+            _initialize_affine_weight(
+                self.weight, (num_embeddings, embedding_dim), 0, init_method, 1, self.tp_rank, self.tp_size
+            )
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        """Look up ``input_`` ids (any shape, usually ``[b, s]``) -> ``[*input_.shape, h]``."""
+        if self.tp_size > 1:
+            outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+            local_ids = (input_ - self.vocab_start_index).masked_fill(outside, 0)
+        else:
+            local_ids = input_
+        output_parallel = F.embedding(local_ids, self.weight)  # [b, s, h]
+        if self.tp_size > 1:
+            output_parallel = output_parallel.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.reduce_scatter_embeddings:
+            output_parallel = output_parallel.transpose(0, 1).contiguous()  # [b, s, h] -> [s, b, h]
+            return reduce_scatter_to_sequence_parallel_region(output_parallel, self.tp_group)  # [s/tp, b, h]
+        return reduce_from_tensor_model_parallel_region(output_parallel, self.tp_group)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (), metadata: dict[str, Any] | None = None
+    ) -> ShardedStateDict:
+        """Weight split along axis 0 (vocabulary)."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, per_partition={self.num_embeddings_per_partition}"
