@@ -1,0 +1,162 @@
+"""The Hugging Face family registry: one :class:`HFFamily` per ``model_type``.
+
+A family knows three things about one Hugging Face architecture: how its config maps to a
+:class:`Blueprint` of ours (our ``TransformerConfig`` plus the model constructor's arguments) and
+back, how its state dict maps to ours and back, and how to build both models. ``hf.py`` only
+dispatches on ``config.model_type``; adding a family is one new module and one line in
+``hf.FAMILY_MODULES`` (or a call to :func:`register_family` from user code).
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from megatron_core.config import TransformerConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+class HFInteropError(ValueError):
+    """A Hugging Face model, config or state dict cannot be converted as asked."""
+
+
+class UnsupportedHFConfigError(HFInteropError):
+    """A Hugging Face config uses a feature our models cannot represent exactly."""
+
+    def __init__(self, model_type: str, field_name: str, value: Any, why: str, fix: str) -> None:
+        super().__init__(f"{model_type}: {field_name}={value!r} is not supported: {why}. Fix: {fix}")
+        self.model_type = model_type
+        self.field_name = field_name
+        self.value = value
+
+
+@dataclass
+class Blueprint:
+    """Everything needed to rebuild one of our models.
+
+    Attributes:
+        family: the Hugging Face ``model_type`` this blueprint converts to and from.
+        config: our transformer config (TP=1).
+        model_kwargs: the model constructor's other arguments (vocab size, positions, tying...).
+    """
+
+    family: str
+    config: TransformerConfig
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class HFFamily(ABC):
+    """Converter between one Hugging Face architecture and one of our model classes."""
+
+    #: Hugging Face ``config.model_type`` handled by this family, e.g. ``"gpt2"``.
+    model_type: ClassVar[str]
+    #: Hugging Face model classes ``from_hf`` accepts (class names, no import needed to check).
+    hf_model_classes: ClassVar[tuple[str, ...]]
+
+    # ---- configs
+    @abstractmethod
+    def blueprint_from_hf(self, hf_config: Any) -> Blueprint:
+        """Map a Hugging Face config to ours; raise UnsupportedHFConfigError for what we cannot represent."""
+
+    @abstractmethod
+    def hf_config_from(self, blueprint: Blueprint, template: Any | None = None) -> Any:
+        """Map our blueprint to a Hugging Face config; ``template`` supplies non-structural fields."""
+
+    @abstractmethod
+    def unsupported_reason(self, blueprint: Blueprint) -> str | None:
+        """Why ``blueprint`` cannot become this family's Hugging Face model, or None when it can."""
+
+    # ---- models
+    @abstractmethod
+    def build_model(self, blueprint: Blueprint, spec: Any | None = None) -> torch.nn.Module:
+        """Our model, randomly initialised, from a blueprint (and a layer spec, else the family's)."""
+
+    @abstractmethod
+    def blueprint_of(self, model: torch.nn.Module) -> Blueprint:
+        """Read the blueprint back from one of our models."""
+
+    @abstractmethod
+    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
+        """The Hugging Face model for ``hf_config`` (random weights, nothing downloaded).
+
+        ``kwargs`` go to ``PreTrainedModel._from_config`` (``dtype``, ``attn_implementation``).
+        """
+
+    # ---- state dicts
+    @abstractmethod
+    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        """Hugging Face state dict -> ours (Megatron-Core names and layouts)."""
+
+    @abstractmethod
+    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        """Our state dict -> Hugging Face names and layouts."""
+
+
+class KeyTaker:
+    """Pops keys from a state dict by name, so that missing and left-over keys both fail loudly.
+
+    Args:
+        state_dict: the source state dict (not modified).
+        source: what the dict is, for error messages (e.g. ``"gpt2 state dict"``).
+        ignore: key suffixes that may be left over (non-persistent buffers of older versions).
+    """
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
+        self._left = dict(state_dict)
+        self._source = source
+        self._ignore = ignore
+
+    def __call__(self, key: str) -> torch.Tensor:
+        """Remove and return ``key``; raise HFInteropError naming it when absent."""
+        if key not in self._left:
+            near = sorted(k for k in self._left if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0])
+            raise HFInteropError(
+                f"{self._source}: missing key {key!r}"
+                + (f" (same module has {near})" if near else "")
+                + ". Fix: check that the model matches its config (layers, biases, tied weights)."
+            )
+        return self._left.pop(key)
+
+    def has(self, key: str) -> bool:
+        return key in self._left
+
+    def finish(self) -> None:
+        """Raise when keys were left unconverted (other than the ignored suffixes)."""
+        left = sorted(k for k in self._left if not k.endswith(self._ignore))
+        if left:
+            shown = left[:8] + (["..."] if len(left) > 8 else [])
+            raise HFInteropError(
+                f"{self._source}: {len(left)} unexpected key(s) with no converter: {shown}. "
+                "Fix: the model has modules its family converter does not know; convert a supported "
+                "architecture or extend the family module."
+            )
+
+
+_REGISTRY: dict[str, HFFamily] = {}
+
+
+def register_family(family: HFFamily) -> HFFamily:
+    """Register ``family`` under its ``model_type`` (replacing any earlier one) and return it."""
+    _REGISTRY[family.model_type] = family
+    return family
+
+
+def load_family_modules(modules: Mapping[str, str]) -> None:
+    """Import ``"module:Class"`` entries whose model_type is not registered yet and register them."""
+    for model_type, target in modules.items():
+        if model_type in _REGISTRY:
+            continue
+        module_name, _, class_name = target.partition(":")
+        family_cls = getattr(importlib.import_module(module_name), class_name)
+        register_family(family_cls())
+
+
+def registered_families() -> dict[str, HFFamily]:
+    """The registered families by ``model_type`` (a copy)."""
+    return dict(_REGISTRY)
