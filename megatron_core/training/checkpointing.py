@@ -1,0 +1,168 @@
+"""Training checkpoints: model, optimizer, scheduler, iteration and RNG in one sharded checkpoint.
+
+``SAVE_DIR/iter_0000100/`` is one ``dist_checkpointing`` checkpoint:
+
+* every model tensor under its model key, and AdamW's moments under
+  ``optimizer.state.<param key>.exp_avg`` / ``.exp_avg_sq``, sharded like their parameter (so a
+  run saved at TP=2 resumes, or evaluates, at TP=1);
+* ``rng_state``: a per-rank ``ShardedObject`` (torch's default generator, CUDA's, the tensor-parallel
+  RNG tracker's states, Python's and NumPy's), restored only when the world size is unchanged;
+* the common state: iteration, consumed samples, scheduler, AdamW step, parallel sizes.
+
+A checkpoint is complete once its ``metadata.json`` exists (``dist_checkpointing`` writes it last),
+so ``latest_checkpoint`` skips a save that was interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_core import dist_checkpointing, parallel_state
+from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron_core.training.optimizer import (
+    load_optimizer_state,
+    optimizer_common_state,
+    optimizer_sharded_state_dict,
+)
+from megatron_core.training.scheduler import WarmupCosineScheduler
+
+logger = logging.getLogger(__name__)
+
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+RNG_KEY = "rng_state"
+
+
+def checkpoint_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
+    """The complete checkpoint (one with ``metadata.json``) of the highest iteration, or None."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _ITER_DIR.match(p.name)) and (p / "metadata.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _rng_tracker() -> Any:
+    try:
+        from megatron_core.tensor_parallel.random import get_rng_tracker
+    except ImportError:  # tensor_parallel without an RNG tracker: nothing extra to save
+        return None
+    return get_rng_tracker()
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every random generator training touches, for this rank."""
+    tracker = _rng_tracker()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tracker.get_states() if tracker is not None else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tracker = _rng_tracker()
+    if state.get("tracker") is not None and tracker is not None:
+        tracker.set_states(state["tracker"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _rng_object(data: Any) -> ShardedObject:
+    world, rank = _world()
+    return ShardedObject(RNG_KEY, data, global_shape=(world,), global_offset=(rank,), replica_id=0)
+
+
+def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: WarmupCosineScheduler | None = None,
+                    extra_common: dict[str, Any] | None = None) -> Path:
+    """Save everything needed to resume at ``iteration``; returns the checkpoint directory."""
+    path = checkpoint_dir(save_dir, iteration)
+    model_sd = model.sharded_state_dict()
+    sharded: ShardedStateDict = dict(model_sd)
+    common: dict[str, Any] = {
+        "iteration": iteration,
+        "world_size": _world()[0],
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        **(extra_common or {}),
+    }
+    if optimizer is not None:
+        sharded.update(optimizer_sharded_state_dict(optimizer, model, model_sd))
+        common["optimizer"] = optimizer_common_state(optimizer)
+    if scheduler is not None:
+        common["scheduler"] = scheduler.state_dict()
+    sharded[RNG_KEY] = _rng_object(get_rng_state())
+    dist_checkpointing.save(sharded, str(path), common_state_dict=common, overwrite=True)
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def load_model(checkpoint: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load only the model weights (any TP size); returns the checkpoint's common state."""
+    return load_checkpoint(checkpoint, model, load_rng=False)
+
+
+def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: WarmupCosineScheduler | None = None, load_rng: bool = True) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` saved into the given objects; returns the common state.
+
+    The RNG is restored only when the world size matches the saving run's (otherwise a warning).
+    """
+    path = Path(checkpoint)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    model_sd = model.sharded_state_dict()
+    sharded: ShardedStateDict = dict(model_sd)
+    if optimizer is not None:
+        if "optimizer" not in common:
+            raise KeyError(f"{path}: holds no optimizer state (saved without one); load with optimizer=None")
+        sharded.update(optimizer_sharded_state_dict(optimizer, model, model_sd))
+    world = _world()[0]
+    restore_rng = load_rng and common.get("world_size") == world
+    if load_rng and not restore_rng:
+        logger.warning("%s was saved by %s ranks, this run has %d: RNG state not restored",
+                       path, common.get("world_size"), world)
+    if restore_rng:
+        sharded[RNG_KEY] = _rng_object(None)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    _copy_into_model(model, model_sd, loaded)
+    if optimizer is not None:
+        load_optimizer_state(optimizer, model, model_sd, loaded, common["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    if restore_rng:
+        set_rng_state(loaded[RNG_KEY])
+    return common
+
+
+def _copy_into_model(model: torch.nn.Module, model_sd: ShardedStateDict, loaded: dict[str, Any]) -> None:
+    state = model.state_dict(keep_vars=True)
+    for key in model_sd:
+        if key not in state:
+            raise KeyError(f"sharded_state_dict key {key!r} is not a state_dict() key of {type(model).__name__}")
+        with torch.no_grad():
+            state[key].copy_(loaded[key])

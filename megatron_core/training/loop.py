@@ -1,0 +1,223 @@
+"""The training loop: micro-batches -> loss -> backward -> clip -> AdamW -> schedule, with eval and checkpoints.
+
+Works with any model of the toolkit whose ``forward(tokens, position_ids, attention_mask,
+labels=...)`` returns a per-token loss ``[b, s]`` (every language model here); other models plug in
+their own ``forward_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron_core import parallel_state
+from megatron_core.data.loader import MicroBatchIterator
+from megatron_core.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_core.training.optimizer import (
+    allreduce_data_parallel_grads,
+    build_adamw,
+    clip_grad_norm,
+    grad_norm_plan,
+)
+from megatron_core.training.scheduler import WarmupCosineScheduler
+from megatron_core.training.settings import TrainingSettings
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+# (model, micro-batch) -> (sum of the per-token losses, number of tokens in that sum)
+ForwardStep = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def language_model_step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked sum of a language model's per-token loss, and the number of tokens it covers."""
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
+    mask = batch["loss_mask"]
+    return (losses.float() * mask).sum(), mask.sum()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _dp_sum(values: torch.Tensor) -> torch.Tensor:
+    group = parallel_state.get_data_parallel_group()
+    if parallel_state.group_world_size(group) > 1:
+        dist.all_reduce(values, group=group)
+    return values
+
+
+@dataclass
+class TrainResult:
+    """What a ``Trainer.train()`` call did."""
+
+    start_iteration: int
+    iteration: int
+    losses: list[float] = field(default_factory=list)  # one per update run by this call
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the last one saved
+
+
+class Trainer:
+    """Owns the optimizer, the schedule and the data position of one training run.
+
+    Args:
+        model: built on every rank (after ``parallel_state.initialize_model_parallel``).
+        settings: the loop's settings.
+        train_data: map-style dataset of ``{tokens, labels, loss_mask}`` samples.
+        valid_data: optional held-out dataset for periodic evaluation.
+        forward_step: how a micro-batch becomes a loss (default: language models).
+        checkpoint_extra: JSON-able values stored in every checkpoint's common state (e.g. the run config).
+    """
+
+    def __init__(self, model: torch.nn.Module, settings: TrainingSettings, train_data: torch.utils.data.Dataset,
+                 valid_data: torch.utils.data.Dataset | None = None, forward_step: ForwardStep = language_model_step,
+                 checkpoint_extra: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.model = model.to(self.device)
+        self.train_data, self.valid_data = train_data, valid_data
+        self.forward_step = forward_step
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.optimizer = build_adamw(model, settings.lr, settings.weight_decay,
+                                     (settings.adam_beta1, settings.adam_beta2), settings.adam_eps)
+        self.scheduler = WarmupCosineScheduler(self.optimizer, settings.lr, settings.min_lr, settings.warmup_iters,
+                                               settings.decay_iters)
+        self.params, self.counted = grad_norm_plan(model)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self, checkpoint: str | Path | None = None) -> Path | None:
+        """Load ``checkpoint`` (default: the latest complete one in ``save_dir``); returns it or None."""
+        path = Path(checkpoint) if checkpoint else (
+            latest_checkpoint(self.settings.save_dir) if self.settings.save_dir else None)
+        if path is None:
+            return None
+        common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common.get("consumed_samples", 0))
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        return path
+
+    def save(self) -> Path:
+        if not self.settings.save_dir:
+            raise ValueError("training.save_dir is not set: nowhere to save the checkpoint")
+        extra = {"consumed_samples": self.consumed_samples, **self.checkpoint_extra}
+        return save_checkpoint(self.settings.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
+                               extra_common=extra)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        """One update from ``micro_batches``; returns (mean loss per token, gradient norm)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
+        # Normalise by the global token count so accumulation and data parallelism average per token.
+        total_tokens = _dp_sum(torch.as_tensor(local_tokens, dtype=torch.float64, device=self.device)).clamp(min=1)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for mb in micro_batches:
+            with self._autocast():
+                summed, _ = self.forward_step(self.model, self._to_device(mb))
+            (summed / total_tokens.float()).backward()
+            loss_sum += summed.detach().double()
+        allreduce_data_parallel_grads(self.params)
+        grad_norm = clip_grad_norm(self.params, self.counted, self.settings.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(_dp_sum(loss_sum) / total_tokens), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-token loss over the first ``eval_iters`` micro-batches of the validation data."""
+        if self.valid_data is None:
+            raise ValueError("evaluate() needs valid_data")
+        self.model.eval()
+        batches = MicroBatchIterator(self.valid_data, self.settings.micro_batch_size, dp_rank=self.dp_rank,
+                                     dp_size=self.dp_size, shuffle=False)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(self.settings.eval_iters):
+            with self._autocast():
+                summed, count = self.forward_step(self.model, self._to_device(next(batches)))
+            totals += torch.stack([summed.double(), count.double()])
+        _dp_sum(totals)
+        self.model.train()
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    # ------------------------------------------------------------------ the loop
+    def _due(self, interval: int) -> bool:
+        return self.iteration == self.settings.train_iters or (interval > 0 and self.iteration % interval == 0)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.settings.metrics_file and _is_rank0():
+            path = Path(self.settings.metrics_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def _report(bar: tqdm, message: str) -> None:
+        # Printing through the bar keeps it intact; without a bar, plain logging.
+        if not bar.disable:
+            bar.write(message)
+        elif _is_rank0():
+            logger.info(message)
+
+    def train(self) -> TrainResult:
+        """Train up to ``settings.train_iters`` updates (resuming first when ``settings.resume``)."""
+        s = self.settings
+        if s.resume and s.save_dir:
+            self.resume()
+        result = TrainResult(start_iteration=self.iteration, iteration=self.iteration)
+        batches = MicroBatchIterator(self.train_data, s.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                     seed=s.seed, consumed_samples=self.consumed_samples)
+        bar = tqdm(total=s.train_iters, initial=self.iteration, disable=not (s.progress_bar and _is_rank0()),
+                   desc="train", unit="step", dynamic_ncols=True)
+        while self.iteration < s.train_iters:
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(s.grad_accum_steps)]
+            lr = self.scheduler.current_lr
+            loss, grad_norm = self.train_step(micro_batches)
+            self.iteration += 1
+            self.consumed_samples = batches.consumed_samples
+            tokens = sum(mb["tokens"].numel() for mb in micro_batches) * self.dp_size
+            tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+            result.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if self.iteration % s.log_interval == 0:
+                self._log({"iteration": self.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": tokens_per_s})
+            if self.valid_data is not None and self._due(s.eval_interval):
+                valid = self.evaluate()
+                result.valid_losses.append((self.iteration, valid))
+                self._log({"iteration": self.iteration, "valid_loss": valid})
+                self._report(bar, f"iteration {self.iteration}: validation loss {valid:.4f}")
+            if s.save_dir and self._due(s.save_interval):
+                result.checkpoint = self.save()
+        bar.close()
+        result.iteration = self.iteration
+        return result

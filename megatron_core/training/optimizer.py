@@ -1,0 +1,163 @@
+"""AdamW wiring: parameter groups, tensor-parallel-aware gradient clipping, sharded optimizer state.
+
+Which parameters are split across tensor-parallel ranks is read from the model's own
+``sharded_state_dict()`` (the one place that knows), so clipping and checkpointing need no
+per-layer knowledge:
+
+* a parameter cut into fragments is a *shard*: every TP rank holds a different piece and counts it
+  in the gradient norm;
+* a parameter whole on every TP rank (norms, row-parallel biases) is *replicated*: its gradient is
+  identical on every TP rank (the model's collectives guarantee it), so only TP rank 0 counts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, ShardedTensorFactory
+
+OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class OptimizerStateError(KeyError):
+    """A parameter has no matching entry in the model's sharded state dict."""
+
+
+def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
+                betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: one code path on every TP size, so resumed and straight runs are bit-equal.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def _param_entries(model: torch.nn.Module, model_sd: ShardedStateDict) -> list[tuple[str, torch.nn.Parameter, Any]]:
+    """(key, parameter, sharded entry) for every trainable parameter, matched by name."""
+    out = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        entry = model_sd.get(name)
+        if entry is None:
+            # Some modules expose a parameter under another key (tied weights): match by storage.
+            entry = next((e for e in model_sd.values()
+                          if isinstance(e, (ShardedTensor, ShardedTensorFactory)) and e.data is not None
+                          and e.data.data_ptr() == param.data_ptr() and e.data.shape == param.shape), None)
+        if entry is None:
+            raise OptimizerStateError(
+                f"parameter {name!r} {tuple(param.shape)} is missing from the model's sharded_state_dict(); "
+                "the module that owns it must include it (keys equal to state_dict() keys)"
+            )
+        out.append((entry.key, param, entry))
+    return out
+
+
+def is_tensor_parallel_shard(entry: Any) -> bool:
+    """True when the sharded entry is cut into pieces (each TP rank holds a different one)."""
+    if isinstance(entry, ShardedTensorFactory):
+        return True  # factories wrap split tensors (e.g. the gated fc1)
+    fragments = entry.axis_fragmentations or ()
+    return any(f > 1 for f in fragments[entry.prepend_axis_num:])
+
+
+def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = None,
+                   ) -> tuple[list[torch.nn.Parameter], list[bool]]:
+    """The trainable parameters, and per parameter: does this rank count it in the global norm?"""
+    model_sd = model.sharded_state_dict() if model_sd is None else model_sd
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    params, flags = [], []
+    for _, param, entry in _param_entries(model, model_sd):
+        split = getattr(param, "tensor_model_parallel", None)
+        split = is_tensor_parallel_shard(entry) if split is None else bool(split)
+        params.append(param)
+        flags.append(split or tp_rank == 0)
+    return params, flags
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], counted: list[bool], max_norm: float) -> float:
+    """Global L2 norm of the gradients over all model-parallel ranks; scale them to ``max_norm``.
+
+    At TP=1 this is exactly ``torch.nn.utils.clip_grad_norm_``; at TP>1 the local norms of the
+    counted gradients are summed (squared) over the model-parallel group first, so every rank
+    computes the same norm and applies the same scale. ``max_norm <= 0`` only measures.
+    """
+    grads = [p.grad for p, c in zip(params, counted, strict=True) if c and p.grad is not None]
+    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    squared = local.double() ** 2
+    group = parallel_state.get_model_parallel_group()
+    if parallel_state.group_world_size(group) > 1:
+        dist.all_reduce(squared, group=group)
+    total = squared.sqrt().float()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return float(total)
+
+
+def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over data-parallel replicas (a no-op without data parallelism).
+
+    A sum, not a mean: each replica's loss is already divided by the global token count.
+    """
+    group = parallel_state.get_data_parallel_group()
+    if parallel_state.group_world_size(group) == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def _init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state for every parameter (as its first step would), so it can be loaded into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for name in OPTIMIZER_STATE_KEYS:
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                                 model_sd: ShardedStateDict) -> ShardedStateDict:
+    """AdamW's moments as sharded tensors laid out exactly like their parameters.
+
+    Keys are ``optimizer.state.<param key>.exp_avg`` / ``.exp_avg_sq``; a moment is sharded (and
+    reshards across TP sizes) the same way as its parameter.
+    """
+    _init_state(optimizer)
+    out: ShardedStateDict = {}
+    for key, param, entry in _param_entries(model, model_sd):
+        state = optimizer.state[param]
+        for name in OPTIMIZER_STATE_KEYS:
+            new_key = f"optimizer.state.{key}.{name}"
+            if isinstance(entry, ShardedTensor):
+                out[new_key] = dataclasses.replace(entry, key=new_key, data=state[name], dtype=state[name].dtype)
+            else:
+                out[new_key] = dataclasses.replace(entry, key=new_key, data=state[name])
+    return out
+
+
+def optimizer_common_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The non-tensor part of the optimizer state: AdamW's step count."""
+    steps = {float(s["step"]) for s in optimizer.state.values() if "step" in s}
+    return {"step": int(max(steps)) if steps else 0}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, model_sd: ShardedStateDict,
+                         loaded: dict[str, Any], common: dict[str, Any]) -> None:
+    """Copy loaded moments (keys as in ``optimizer_sharded_state_dict``) and the step into ``optimizer``."""
+    _init_state(optimizer)
+    for key, param, _ in _param_entries(model, model_sd):
+        state = optimizer.state[param]
+        state["step"] = torch.tensor(float(common["step"]))
+        for name in OPTIMIZER_STATE_KEYS:
+            state[name].copy_(loaded[f"optimizer.state.{key}.{name}"])

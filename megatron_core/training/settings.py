@@ -1,0 +1,54 @@
+"""TrainingSettings: the knobs of the training loop (the ``training:`` section of a run YAML)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class TrainingSettings(BaseModel):
+    """How long, how fast and how safely to train.
+
+    The global batch per update is ``micro_batch_size * grad_accum_steps * data-parallel size``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_iters: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 10
+    lr_decay_iters: int | None = None  # default: train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # <= 0 disables clipping (the norm is still reported)
+    bf16: bool = False  # torch.autocast(bfloat16) around forward passes; weights stay in params_dtype
+    seed: int = 1234
+    eval_interval: int = 0  # 0: evaluate only at the end (when there is validation data)
+    eval_iters: int = 10
+    save_interval: int = 0  # 0: save only at the end (when save_dir is set)
+    save_dir: str | None = None
+    resume: bool = True  # continue from the latest complete checkpoint in save_dir
+    log_interval: int = 1  # metrics line every N updates
+    metrics_file: str | None = None  # JSON lines of metrics, written by rank 0
+    progress_bar: bool = True
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSettings:
+        for name in ("train_iters", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, lr={self.lr}]")
+        if self.warmup_iters < 0 or self.warmup_iters > self.decay_iters:
+            raise ValueError(f"training.warmup_iters={self.warmup_iters} must lie in [0, lr_decay_iters="
+                             f"{self.decay_iters}]; shorten the warmup or lengthen the run")
+        return self
+
+    @property
+    def decay_iters(self) -> int:
+        return self.train_iters if self.lr_decay_iters is None else self.lr_decay_iters
