@@ -1,5 +1,6 @@
 """Tensor parallelism: split layers, autograd collectives, vocab-parallel loss, RNG tracking."""
 
+from megatron_core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -18,6 +19,18 @@ from megatron_core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
+)
+from megatron_core.tensor_parallel.random import (
+    CudaRNGStatesTracker,
+    RNGStatesTracker,
+    RNGTrackerError,
+    checkpoint,
+    get_cuda_rng_tracker,
+    get_rng_state,
+    get_rng_tracker,
+    model_parallel_cuda_manual_seed,
+    model_parallel_manual_seed,
+    set_rng_state,
 )
 from megatron_core.tensor_parallel.utils import (
     TensorParallelError,
@@ -48,4 +61,15 @@ __all__ = [
     "set_defaults_if_not_set_tensor_model_parallel_attributes",
     "set_tensor_model_parallel_attributes",
     "split_tensor_along_last_dim",
+    "vocab_parallel_cross_entropy",
+    "CudaRNGStatesTracker",
+    "RNGStatesTracker",
+    "RNGTrackerError",
+    "checkpoint",
+    "get_cuda_rng_tracker",
+    "get_rng_state",
+    "get_rng_tracker",
+    "model_parallel_cuda_manual_seed",
+    "model_parallel_manual_seed",
+    "set_rng_state",
 ]
