@@ -65,6 +65,22 @@ def ours_activation_to_hf(ours: str, preferred: str | None, default: str) -> str
     raise HFInteropError(f"activation_func={ours!r} has no Hugging Face equivalent")
 
 
+def _rotary_settings(model: torch.nn.Module) -> dict[str, float]:
+    """rotary_percent and rotary_base of a GPTModel: its attributes, else read off its RotaryEmbedding."""
+    rotary = model.rotary_pos_emb
+    kv_channels = model.config.kv_channels
+    percent = getattr(model, "rotary_percent", None)
+    if percent is None:
+        percent = 1.0 if rotary.dim == kv_channels else rotary.dim / kv_channels
+    base = getattr(model, "rotary_base", None)
+    if base is None:
+        # inv_freq[1] = base ** (-2 / dim); fp32 rounding leaves ~1e-6 relative error, so keep
+        # 5 significant digits (bases are round numbers: 1e4, 5e5, 1e6...).
+        raw = float(rotary.inv_freq[1].double() ** (-rotary.dim / 2))
+        base = float(f"{raw:.5g}")
+    return {"rotary_percent": float(percent), "rotary_base": float(base)}
+
+
 class GPTModelFamily(HFFamily):
     """A family whose model of ours is ``megatron_core.models.gpt.GPTModel`` built from a layer spec."""
 
@@ -105,8 +121,7 @@ class GPTModelFamily(HFFamily):
             "share_embeddings_and_output_weights": model.share_embeddings_and_output_weights,
         }
         if model.position_embedding_type == "rope":
-            kwargs["rotary_percent"] = model.rotary_percent
-            kwargs["rotary_base"] = model.rotary_base
+            kwargs.update(_rotary_settings(model))
         return Blueprint(self.model_type, model.config, kwargs)
 
     @staticmethod
