@@ -1,0 +1,215 @@
+"""TransformerBlock: this pipeline stage's layers, the final norm, and activation recompute.
+
+Each stage builds only its own layers. Layer ``i`` of the stage is global layer
+``offset + i`` (``layer_number = offset + i + 1``); the module list is ``layers`` so state-dict
+keys are ``layers.<i>`` (local), while checkpoint keys use the global index ``layers.<offset+i>``,
+which lets a checkpoint saved with one pipeline split load into another.
+
+Under sequence parallelism the activations between layers are ``[s/tp, b, h]``; every layer works
+on them as they are (the parallel linears gather and scatter the sequence dimension).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.tensor_parallel import random as tp_random
+from megatron_core.transformer.module import MegatronModule, default_sharded_state_dict
+from megatron_core.transformer.norms import WrappedNorm
+from megatron_core.transformer.spec_utils import ModuleSpec, build_module, resolve_module
+from megatron_core.transformer.transformer_layer import TransformerLayer
+from megatron_core.transformer.utils import replace_prefix_for_sharding
+
+
+@dataclass
+class TransformerBlockSubmodules:
+    """One spec per layer of this stage, and the final norm's spec."""
+
+    layer_specs: list[ModuleSpec] = field(default_factory=list)
+    layer_norm: ModuleSpec | type | None = None
+
+
+def _stage_layer_counts(config: Any) -> list[int]:
+    """Layers on each pipeline stage: first/last overrides, the rest split evenly."""
+    pp = config.pipeline_model_parallel_size
+    if pp == 1:
+        return [config.num_layers]
+    first, last = config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle_layers = config.num_layers - (first or 0) - (last or 0)
+    per_middle = middle_layers // middle_stages if middle_stages else 0
+    counts = [per_middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
+
+
+def _pipeline_rank(config: Any) -> int:
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp_size != config.pipeline_model_parallel_size:
+        raise ValueError(
+            f"config.pipeline_model_parallel_size={config.pipeline_model_parallel_size} but parallel_state has "
+            f"{pp_size} pipeline stages; call initialize_model_parallel with the config's sizes"
+        )
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def get_num_layers_to_build(config: Any) -> int:
+    """How many layers this pipeline stage holds."""
+    return _stage_layer_counts(config)[_pipeline_rank(config)]
+
+
+def get_transformer_layer_offset(config: Any) -> int:
+    """Global index of this stage's first layer."""
+    return sum(_stage_layer_counts(config)[:_pipeline_rank(config)])
+
+
+def _sharded_state_dict_of(
+    module: torch.nn.Module, prefix: str, sharded_offsets: tuple[RankOffset, ...], metadata: dict[str, Any] | None
+) -> ShardedStateDict:
+    """A module's own sharding if it declares one, else the default (replicated over TP)."""
+    method = getattr(module, "sharded_state_dict", None)
+    if method is not None:
+        return method(prefix, sharded_offsets, metadata)
+    return default_sharded_state_dict(module, prefix, sharded_offsets, metadata)
+
+
+def _block_submodules(config: Any, spec: Any) -> TransformerBlockSubmodules:
+    if isinstance(spec, TransformerBlockSubmodules):
+        return spec
+    if isinstance(spec, ModuleSpec):
+        module = resolve_module(spec.module)
+        if isinstance(module, type) and issubclass(module, TransformerBlock):
+            return spec.submodules
+        return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=WrappedNorm)
+    raise TypeError(
+        f"TransformerBlock spec must be a layer ModuleSpec, a TransformerBlock ModuleSpec or "
+        f"TransformerBlockSubmodules; got {type(spec).__name__}"
+    )
+
+
+class TransformerBlock(MegatronModule):
+    """The stack of transformer layers of this pipeline stage, plus the final norm on the last stage.
+
+    Args:
+        config: the TransformerConfig.
+        spec: a layer ``ModuleSpec`` (repeated for every layer of the stage) or
+            ``TransformerBlockSubmodules`` (one spec per local layer, and the final norm).
+        post_layer_norm: build the final norm (on the last stage).
+        pre_process: this stage takes the embeddings (else ``set_input_tensor`` feeds it).
+        post_process: this stage is the last one.
+    """
+
+    def __init__(
+        self, config: Any, spec: Any, post_layer_norm: bool = True, pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        super().__init__(config)
+        self.submodules = _block_submodules(config, spec)
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.post_layer_norm = post_layer_norm
+        self.input_tensor: torch.Tensor | None = None
+        self.layer_offset = get_transformer_layer_offset(config)
+        self.layers = torch.nn.ModuleList(
+            build_module(layer_spec, config=config, layer_number=self.layer_offset + i + 1)
+            for i, layer_spec in enumerate(self.submodules.layer_specs)
+        )
+        self.final_layernorm: torch.nn.Module | None = None
+        if post_process and post_layer_norm and self.submodules.layer_norm is not None:
+            self.final_layernorm = build_module(
+                self.submodules.layer_norm, config=config, hidden_size=config.hidden_size,
+                eps=config.layernorm_epsilon,
+            )
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | None) -> None:
+        """The activations received from the previous pipeline stage (``[s(/tp), b, h]``)."""
+        self.input_tensor = input_tensor
+
+    def _recompute_mask(self) -> list[bool]:
+        """Which local layers start a recomputed chunk (uniform) / are recomputed (block)."""
+        n = len(self.layers)
+        if self.config.recompute_granularity != "full":
+            return [False] * n
+        count = self.config.recompute_num_layers
+        if self.config.recompute_method == "block":
+            return [i < (count if count is not None else n) for i in range(n)]
+        return [True] * n
+
+    def _run_layers(self, start: int, end: int, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        context = kwargs.get("context")
+        for layer in self.layers[start:end]:
+            hidden_states, context = layer(hidden_states, **{**kwargs, "context": context})
+        return hidden_states
+
+    def _checkpointed(self, start: int, end: int, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        tensor_names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        others = {k: v for k, v in kwargs.items() if k not in tensor_names}
+
+        def run(hidden: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+            return self._run_layers(start, end, hidden, {**others, **dict(zip(tensor_names, tensors, strict=True))})
+
+        return tp_random.checkpoint(run, False, hidden_states, *[kwargs[k] for k in tensor_names])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rotary_pos_emb: Any = None,
+        inference_params: Any = None,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[s, b, h]`` (or ``[s/tp, b, h]`` with sequence parallelism) through this stage's layers."""
+        if not self.pre_process:
+            hidden_states = self.input_tensor
+        if hidden_states is None:
+            raise ValueError(
+                "TransformerBlock got no input: pass hidden_states on the first stage, or call "
+                "set_input_tensor() on later pipeline stages"
+            )
+        kwargs: dict[str, Any] = dict(
+            attention_mask=attention_mask, context=context, context_mask=context_mask,
+            rotary_pos_emb=rotary_pos_emb, inference_params=inference_params, attention_bias=attention_bias,
+        )
+        recompute = self._recompute_mask() if (self.training and inference_params is None) else [False] * len(self.layers)
+        chunk = self.config.recompute_num_layers if self.config.recompute_method == "uniform" else 1
+        chunk = chunk or 1
+        i = 0
+        while i < len(self.layers):
+            if recompute[i]:
+                end = min(i + chunk, len(self.layers))
+                hidden_states = self._checkpointed(i, end, hidden_states, kwargs)
+            else:
+                end = i + 1
+                hidden_states = self._run_layers(i, end, hidden_states, kwargs)
+            i = end
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> ShardedStateDict:
+        """Layers under their *global* index in the checkpoint keys (dict keys stay local)."""
+        out: ShardedStateDict = {}
+        for i, layer in enumerate(self.layers):
+            local_prefix = f"{prefix}layers.{i}."
+            layer_sd = _sharded_state_dict_of(layer, local_prefix, sharded_offsets, metadata)
+            global_index = layer.layer_number - 1 if isinstance(layer, TransformerLayer) else self.layer_offset + i
+            replace_prefix_for_sharding(layer_sd, local_prefix, f"{prefix}layers.{global_index}.")
+            out.update(layer_sd)
+        for name, child in self.named_children():
+            if name == "layers":
+                continue
+            out.update(_sharded_state_dict_of(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        return out

@@ -1,0 +1,63 @@
+"""Small helpers shared by the transformer modules and models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+
+def replace_prefix_for_sharding(sharded_state_dict: Any, old_prefix: str, new_prefix: str) -> None:
+    """Rename the checkpoint keys (``.key``) that start with ``old_prefix``, in place.
+
+    The dict keys (the module's ``state_dict`` names) are left alone: a pipeline stage holds its
+    layers as ``layers.0..n-1`` locally, but stores them under their global index.
+
+    Raises:
+        ValueError: a key does not start with ``old_prefix`` (a mismatched prefix is a bug).
+    """
+    for value in _leaves(sharded_state_dict):
+        if isinstance(value, (ShardedTensor, ShardedObject, ShardedTensorFactory)):
+            if not value.key.startswith(old_prefix):
+                raise ValueError(f"checkpoint key {value.key!r} does not start with {old_prefix!r}")
+            value.key = new_prefix + value.key[len(old_prefix):]
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
+
+
+def allreduce_sequence_parallel_grads(model: torch.nn.Module, tp_group: Any = None) -> None:
+    """Sum over the TP group the gradients of parameters tagged ``sequence_parallel``.
+
+    With sequence parallelism, norms (and other replicated parameters used on the ``[s/tp]``
+    activations) only see this rank's tokens, so each rank holds a partial gradient. Call this
+    after ``backward()`` and before the optimizer step; a no-op without tensor parallelism.
+    """
+    group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+    if parallel_state.group_world_size(group) == 1:
+        return
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def make_causal_mask(batch_size: int, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean causal mask ``[b, 1, s, s]``, True = masked out (the future)."""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(diagonal=1)
+    return mask.expand(batch_size, 1, seq_len, seq_len)
