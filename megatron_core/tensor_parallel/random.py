@@ -15,6 +15,7 @@ from the generator of the device it runs on, and both are swapped on ``fork``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel.mappings import _gather_first_dim
 from megatron_core.tensor_parallel.utils import split_tensor_along_dim
+
+logger = logging.getLogger(__name__)
 
 _MODEL_PARALLEL_RNG_TRACKER_NAME = "model-parallel-rng"
 _DATA_PARALLEL_RNG_TRACKER_NAME = "data-parallel-rng"
@@ -94,6 +97,19 @@ class RNGStatesTracker:
         if _cuda_in_use():
             self.states_[name]["cuda"] = self._cuda_state_for(seed)
 
+    def _add_default_stream(self, name: str) -> None:
+        # Friendlier than failing: derive the stream from the default generator's seed, which the
+        # caller seeded identically on every TP rank (or the run is not reproducible anyway).
+        base = torch.initial_seed() % (2**62)
+        offset = _TP_SEED_OFFSET + parallel_state.get_tensor_model_parallel_rank()
+        seed = base + offset if name == _MODEL_PARALLEL_RNG_TRACKER_NAME else base
+        logger.warning(
+            "RNG stream %r used before model_parallel_manual_seed(); seeding it with %d derived from "
+            "torch.initial_seed(). Call model_parallel_manual_seed(seed) at start-up for reproducible runs.",
+            name, seed,
+        )
+        self.add(name, seed)
+
     @staticmethod
     def _cuda_state_for(seed: int) -> torch.Tensor:
         saved = torch.cuda.get_rng_state()
@@ -105,6 +121,8 @@ class RNGStatesTracker:
     @contextlib.contextmanager
     def fork(self, name: str = _MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
         """Draw from stream ``name`` inside the block; the default generators are untouched after it."""
+        if name not in self.states_ and name in (_MODEL_PARALLEL_RNG_TRACKER_NAME, _DATA_PARALLEL_RNG_TRACKER_NAME):
+            self._add_default_stream(name)
         if name not in self.states_:
             raise RNGTrackerError(
                 f"RNG stream {name!r} is not registered (have {sorted(self.states_)}); call "
