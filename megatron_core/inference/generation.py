@@ -44,7 +44,7 @@ def gather_vocab_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def _broadcast_from_tp_rank0(tokens: torch.Tensor) -> torch.Tensor:
     group = parallel_state.get_tensor_model_parallel_group()
-    if parallel_state.group_world_size(group) > 1:
+    if group is not None and parallel_state.group_world_size(group) > 1:
         dist.broadcast(tokens, src=dist.get_global_rank(group, 0), group=group)
     return tokens
 

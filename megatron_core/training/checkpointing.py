@@ -29,6 +29,7 @@ from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
 from megatron_core.training.optimizer import (
     load_optimizer_state,
+    model_sharded_state_dict,
     optimizer_common_state,
     optimizer_sharded_state_dict,
 )
@@ -102,7 +103,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
                     extra_common: dict[str, Any] | None = None) -> Path:
     """Save everything needed to resume at ``iteration``; returns the checkpoint directory."""
     path = checkpoint_dir(save_dir, iteration)
-    model_sd = model.sharded_state_dict()
+    model_sd = model_sharded_state_dict(model)
     sharded: ShardedStateDict = dict(model_sd)
     common: dict[str, Any] = {
         "iteration": iteration,
@@ -135,7 +136,7 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     """
     path = Path(checkpoint)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    model_sd = model.sharded_state_dict()
+    model_sd = model_sharded_state_dict(model)
     sharded: ShardedStateDict = dict(model_sd)
     if optimizer is not None:
         if "optimizer" not in common:

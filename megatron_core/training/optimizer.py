@@ -13,7 +13,7 @@ per-layer knowledge:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -31,13 +31,21 @@ class OptimizerStateError(KeyError):
 def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: one code path on every TP size, so resumed and straight runs are bit-equal.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> ShardedStateDict:
+    """``model.sharded_state_dict()``, with a clear error for a model that lacks one."""
+    if not hasattr(model, "sharded_state_dict"):
+        raise TypeError(f"{type(model).__name__} has no sharded_state_dict(); subclass MegatronModule")
+    return cast(Any, model).sharded_state_dict()
 
 
 def _param_entries(model: torch.nn.Module, model_sd: ShardedStateDict) -> list[tuple[str, torch.nn.Parameter, Any]]:
@@ -72,14 +80,12 @@ def is_tensor_parallel_shard(entry: Any) -> bool:
 def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = None,
                    ) -> tuple[list[torch.nn.Parameter], list[bool]]:
     """The trainable parameters, and per parameter: does this rank count it in the global norm?"""
-    model_sd = model.sharded_state_dict() if model_sd is None else model_sd
+    model_sd = model_sharded_state_dict(model) if model_sd is None else model_sd
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     params, flags = [], []
     for _, param, entry in _param_entries(model, model_sd):
-        split = getattr(param, "tensor_model_parallel", None)
-        split = is_tensor_parallel_shard(entry) if split is None else bool(split)
         params.append(param)
-        flags.append(split or tp_rank == 0)
+        flags.append(is_tensor_parallel_shard(entry) or tp_rank == 0)
     return params, flags
 
 

@@ -1,0 +1,94 @@
+"""Train from a YAML file: ``python -m megatron_core.train --config CONFIG.yaml [--set key=value ...]``.
+
+One process::
+
+    python -m megatron_core.train --config examples/alphabet_gpt.yaml
+
+Several (tensor parallelism; gloo on CPU, NCCL on GPU, set up from torchrun's environment)::
+
+    torchrun --nproc_per_node 2 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
+        --set parallel.tensor_model_parallel_size=2
+
+``--set section.key=value`` overrides one entry of the file (the value is read as YAML).
+Training resumes from the latest complete checkpoint in ``training.save_dir`` when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel import model_parallel_manual_seed
+from megatron_core.training.loop import Trainer, TrainResult
+from megatron_core.training.run_config import RunConfig, build_datasets, build_model
+
+logger = logging.getLogger("megatron_core.train")
+
+
+def init_distributed() -> bool:
+    """Join the process group described by torchrun's variables; True when this call created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def run_training(run: RunConfig) -> TrainResult:
+    """Set up parallel state, build model and data from ``run``, train; tears the parallel state down."""
+    if run.parallel.pipeline_model_parallel_size != 1:
+        raise ValueError(f"parallel.pipeline_model_parallel_size={run.parallel.pipeline_model_parallel_size}: the "
+                         "training loop runs without pipeline parallelism; set it to 1")
+    parallel_state.initialize_model_parallel(run.parallel.tensor_model_parallel_size,
+                                             run.parallel.pipeline_model_parallel_size)
+    try:
+        model_parallel_manual_seed(run.training.seed)  # same full weights at any TP size
+        model = build_model(run)
+        train_data, valid_data = build_datasets(run.data, seed=run.training.seed)
+        trainer = Trainer(model, run.training, train_data, valid_data,
+                          checkpoint_extra={"run_config": run.model_dump(mode="json")})
+        if run.training.save_dir and _rank() == 0:
+            Path(run.training.save_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run.training.save_dir) / "run_config.yaml").write_text(run.to_yaml())
+        return trainer.train()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    parser = argparse.ArgumentParser(prog="python -m megatron_core.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="run YAML (see examples/alphabet_gpt.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one entry, e.g. training.train_iters=50 (repeatable)")
+    args = parser.parse_args(argv)
+    run = RunConfig.from_yaml(args.config, args.overrides)
+    created = init_distributed()
+    logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        result = run_training(run)
+        if _rank() == 0:
+            last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+            logger.info("done: iteration %d, last loss %s, checkpoint %s", result.iteration, last, result.checkpoint)
+        return result
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""RunConfig: one YAML file describing a training run, and the builders that turn it into objects.
+
+::
+
+    transformer:        # TransformerConfig fields
+      num_layers: 2
+      hidden_size: 64
+      num_attention_heads: 4
+    spec: specs.gpt.get_gpt_layer_local_spec   # dotted path of a spec function or ModuleSpec,
+    spec_args: {}                              # ... or the YAML spec form (a dict with `module:`)
+    model:              # GPTModel arguments
+      position_embedding_type: learned_absolute
+    data:
+      kind: alphabet    # alphabet | text (local UTF-8 files) | indexed (PREFIX.bin/.idx)
+      seq_length: 32
+    parallel:
+      tensor_model_parallel_size: 2
+    training:           # TrainingSettings
+      train_iters: 300
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from megatron_core.config import TransformerConfig
+from megatron_core.data import (
+    AlphabetDataset,
+    AlphabetTokenizer,
+    ByteTokenizer,
+    IndexedDataset,
+    PackedSequenceDataset,
+    build_from_text,
+    split_train_valid,
+)
+from megatron_core.training.settings import TrainingSettings
+from megatron_core.transformer.spec_utils import ModuleSpec, SpecError, import_by_path, spec_from_dict
+
+logger = logging.getLogger(__name__)
+
+Tokenizer = AlphabetTokenizer | ByteTokenizer
+
+
+class ModelSection(BaseModel):
+    """``GPTModel`` arguments other than the config and the spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sequence_length: int | None = None  # default: data.seq_length
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "learned_absolute"
+    share_embeddings_and_output_weights: bool = True
+    extra: dict[str, Any] = Field(default_factory=dict)  # any other GPTModel keyword (rotary_base, ...)
+
+
+class DataSection(BaseModel):
+    """Where samples come from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["alphabet", "text", "indexed"] = "alphabet"
+    seq_length: int = 32
+    # alphabet: samples are generated on the fly, any count is free
+    num_train_samples: int = 1_000_000
+    num_valid_samples: int = 256
+    min_letters: int = 2
+    # text / indexed
+    paths: list[str] = Field(default_factory=list)  # text files (kind=text)
+    prefix: str | None = None  # PREFIX.bin/.idx: read (indexed) or written (text; default runs/data/<stem>)
+    split_paragraphs: bool = False
+    valid_fraction: float = 0.05
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.kind == "text" and not self.paths:
+            raise ValueError("data.kind=text needs data.paths: the text files to train on")
+        if self.kind == "indexed" and not self.prefix:
+            raise ValueError("data.kind=indexed needs data.prefix (PREFIX.bin and PREFIX.idx)")
+        return self
+
+
+class ParallelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+class RunConfig(BaseModel):
+    """A whole training run (see the module docstring for the YAML form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transformer: dict[str, Any]
+    spec: str | dict[str, Any] = "specs.gpt.get_gpt_layer_local_spec"
+    spec_args: dict[str, Any] = Field(default_factory=dict)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        """Read ``path``; each override ``"a.b.c=VALUE"`` (VALUE parsed as YAML) replaces one entry."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for item in overrides or []:
+            apply_override(data, item)
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``data["a"]["b"]["c"]`` from ``"a.b.c=VALUE"`` (VALUE is YAML: 3, 1e-3, true, [1, 2], text)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.train_iters=50")
+    dotted, raw = item.split("=", 1)
+    *parents, leaf = dotted.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(raw)
+
+
+# ----------------------------------------------------------------------------- builders
+def build_transformer_config(run: RunConfig) -> TransformerConfig:
+    """The ``transformer`` section with the ``parallel`` sizes filled in."""
+    fields = dict(run.transformer)
+    for name, value in run.parallel.model_dump().items():
+        if name in fields and fields[name] != value:
+            raise ValueError(f"transformer.{name}={fields[name]} disagrees with parallel.{name}={value}; "
+                             "set parallel sizes in the parallel section only")
+        fields[name] = value
+    return TransformerConfig(**fields)
+
+
+def build_spec(run: RunConfig) -> ModuleSpec:
+    """The layer spec: call a spec function, take a ModuleSpec object, or read the YAML spec form."""
+    if isinstance(run.spec, dict):
+        return spec_from_dict(run.spec)
+    target = import_by_path(run.spec)
+    spec = target if isinstance(target, ModuleSpec) else target(**run.spec_args) if callable(target) else target
+    if not isinstance(spec, ModuleSpec):
+        raise SpecError(f"spec {run.spec!r} gave a {type(spec).__name__}, expected a ModuleSpec; point it at a "
+                        "spec function such as specs.gpt.get_gpt_layer_local_spec")
+    return spec
+
+
+def build_tokenizer(data: DataSection) -> Tokenizer:
+    return AlphabetTokenizer() if data.kind == "alphabet" else ByteTokenizer()
+
+
+def _text_prefix(data: DataSection) -> Path:
+    return Path(data.prefix) if data.prefix else Path("runs/data") / Path(data.paths[0]).stem
+
+
+def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """(train, valid) datasets. For ``text``, rank 0 first builds PREFIX.bin/.idx (once)."""
+    if data.kind == "alphabet":
+        # Distinct seeds: validation sequences are drawn independently of training ones.
+        return (AlphabetDataset(data.num_train_samples, data.seq_length, seed=seed, min_letters=data.min_letters),
+                AlphabetDataset(data.num_valid_samples, data.seq_length, seed=seed + 1, min_letters=data.min_letters))
+    prefix = Path(data.prefix or "") if data.kind == "indexed" else _text_prefix(data)
+    if data.kind == "text":
+        is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if is_rank0 and not _up_to_date(prefix, data.paths):
+            build_from_text(data.paths, prefix, split_paragraphs=data.split_paragraphs)
+        if dist.is_initialized():
+            dist.barrier()
+    packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
+    return split_train_valid(packed, data.valid_fraction)
+
+
+def _up_to_date(prefix: Path, sources: list[str]) -> bool:
+    idx = prefix.with_suffix(".idx")
+    return idx.is_file() and all(Path(s).stat().st_mtime <= idx.stat().st_mtime for s in sources)
+
+
+def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_size: int | None = None) -> torch.nn.Module:
+    """The ``GPTModel`` of the run on this rank (parallel state and seeds must be set up first)."""
+    from megatron_core.models.gpt import GPTModel
+
+    config = config or build_transformer_config(run)
+    vocab_size = vocab_size or build_tokenizer(run.data).vocab_size
+    return GPTModel(
+        config, build_spec(run), vocab_size=vocab_size,
+        max_sequence_length=run.model.max_sequence_length or run.data.seq_length,
+        position_embedding_type=run.model.position_embedding_type,
+        share_embeddings_and_output_weights=run.model.share_embeddings_and_output_weights,
+        **run.model.extra,
+    )
