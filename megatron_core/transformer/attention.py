@@ -184,6 +184,9 @@ class SelfAttention(Attention):
         norm_k = submodules.k_layernorm if submodules.k_layernorm is not None else IdentityOp
         self.q_layernorm = build_module(norm_q, config=config, hidden_size=hn, eps=config.layernorm_epsilon)
         self.k_layernorm = build_module(norm_k, config=config, hidden_size=hn, eps=config.layernorm_epsilon)
+        # Each TP rank normalises only its own heads: these replicated weights get partial grads.
+        for param in [*self.q_layernorm.parameters(), *self.k_layernorm.parameters()]:
+            param.tp_partial_grad = True  # type: ignore[attr-defined]
 
     def get_query_key_value_tensors(
         self, hidden_states: torch.Tensor

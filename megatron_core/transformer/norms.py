@@ -7,7 +7,7 @@ checkpoints map one to one. With ``config.layernorm_zero_centered_gamma`` the st
 Under sequence parallelism every TP rank normalises a different slice of the sequence, so the
 gradients of these (replicated) parameters are partial sums: they are tagged
 ``param.sequence_parallel = True`` and must be all-reduced over the TP group before the optimizer
-step (``megatron_core.transformer.utils.allreduce_sequence_parallel_grads``).
+step (``megatron_core.transformer.utils.allreduce_tp_partial_grads``).
 """
 
 from __future__ import annotations

@@ -35,18 +35,24 @@ def _leaves(tree: Any) -> list[Any]:
     return [tree]
 
 
-def allreduce_sequence_parallel_grads(model: torch.nn.Module, tp_group: Any = None) -> None:
-    """Sum over the TP group the gradients of parameters tagged ``sequence_parallel``.
+def has_tp_partial_grad(param: torch.nn.Parameter) -> bool:
+    """True for a TP-replicated parameter whose gradient on each TP rank is only a partial sum."""
+    return bool(getattr(param, "sequence_parallel", False) or getattr(param, "tp_partial_grad", False))
 
-    With sequence parallelism, norms (and other replicated parameters used on the ``[s/tp]``
-    activations) only see this rank's tokens, so each rank holds a partial gradient. Call this
-    after ``backward()`` and before the optimizer step; a no-op without tensor parallelism.
+
+def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: Any = None) -> None:
+    """Sum over the TP group the gradients that each TP rank holds only in part.
+
+    Two kinds of replicated parameters see only part of the data on each rank: with sequence
+    parallelism, norms and row-parallel biases see this rank's tokens (tagged
+    ``sequence_parallel``); q/k layernorms see this rank's heads (tagged ``tp_partial_grad``).
+    Call this after ``backward()`` and before the optimizer step (Megatron-Core does it in
+    ``finalize_model_grads``); a no-op without tensor parallelism.
     """
     group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
     if parallel_state.group_world_size(group) == 1:
         return
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if has_tp_partial_grad(p) and p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
