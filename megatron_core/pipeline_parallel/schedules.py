@@ -243,6 +243,7 @@ def forward_backward_pipelining_without_interleaving(
         )
     shape = get_tensor_shape(model, seq_length, micro_batch_size)
     dtype = _pipeline_dtype(model)
+    comm = p2p.StageCommunicator(shape, dtype)
     last = parallel_state.is_pipeline_last_stage()
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
                      parallel_state.get_pipeline_model_parallel_world_size())
@@ -261,33 +262,33 @@ def forward_backward_pipelining_without_interleaving(
 
     with _no_sync(model)():
         for _ in range(num_warmup):
-            input_tensor = p2p.recv_forward(shape, dtype)
+            input_tensor = comm.recv_forward()
             output = run_forward(input_tensor)
-            p2p.send_forward(None if last else output)
+            comm.send_forward(None if last else output)
             if not forward_only:
                 inputs.append(input_tensor)
                 outputs.append(output)
 
-        input_tensor = p2p.recv_forward(shape, dtype) if num_steady > 0 else None
+        input_tensor = comm.recv_forward() if num_steady > 0 else None
         for i in range(num_steady):
             last_iteration = i == num_steady - 1
             output = run_forward(input_tensor)
             if forward_only:
-                p2p.send_forward(None if last else output)
-                input_tensor = None if last_iteration else p2p.recv_forward(shape, dtype)
+                comm.send_forward(None if last else output)
+                input_tensor = None if last_iteration else comm.recv_forward()
                 continue
-            output_grad = p2p.send_forward_recv_backward(None if last else output, shape, dtype)
+            output_grad = comm.send_forward_recv_backward(None if last else output)
             inputs.append(input_tensor)
             outputs.append(output)
             input_grad = backward_step(inputs.pop(0), outputs.pop(0), output_grad)
             if last_iteration:
-                p2p.send_backward(input_grad)
+                comm.send_backward(input_grad)
             else:
-                input_tensor = p2p.send_backward_recv_forward(input_grad, shape, dtype)
+                input_tensor = comm.send_backward_recv_forward(input_grad)
 
         for _ in range(0 if forward_only else num_warmup):
-            output_grad = p2p.recv_backward(shape, dtype)
-            p2p.send_backward(backward_step(inputs.pop(0), outputs.pop(0), output_grad))
+            output_grad = comm.recv_backward()
+            comm.send_backward(backward_step(inputs.pop(0), outputs.pop(0), output_grad))
 
     if not forward_only:
         finalize_model_grads([model])
