@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ class Trainer:
         batches = MicroBatchIterator(self.train_data, s.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                      seed=s.seed, consumed_samples=self.consumed_samples)
         bar = tqdm(total=s.train_iters, initial=self.iteration, disable=not (s.progress_bar and _is_rank0()),
-                   desc="train", unit="step", dynamic_ncols=True)
+                   desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # redirected: a few lines, not thousands
         while self.iteration < s.train_iters:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(s.grad_accum_steps)]
