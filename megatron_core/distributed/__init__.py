@@ -4,7 +4,6 @@ from megatron_core.distributed.distributed_data_parallel import DistributedDataP
 from megatron_core.distributed.finalize_model_grads import (
     allreduce_tied_embedding_grads,
     finalize_model_grads,
-    initialize_tied_embeddings,
     tied_embedding_weight,
     unwrap_model,
 )
@@ -13,7 +12,6 @@ __all__ = [
     "DistributedDataParallel",
     "allreduce_tied_embedding_grads",
     "finalize_model_grads",
-    "initialize_tied_embeddings",
     "tied_embedding_weight",
     "unwrap_model",
     "wrap_data_parallel",

@@ -83,7 +83,7 @@ class DistributedDataParallel(torch.nn.Module):
 
     # ------------------------------------------------------------------ gradient reduction
     def _broadcast_params(self) -> None:
-        if self.dp_size == 1:
+        if self.dp_size == 1 or self.data_parallel_group is None:
             return
         src = dist.get_global_rank(self.data_parallel_group, 0)
         for p in self.module.parameters():

@@ -1,10 +1,15 @@
-"""What happens to gradients after the last backward of a step, and the tied-embedding glue.
+"""What happens to gradients after the last backward of a step.
 
-With pipeline parallelism and tied input/output embeddings, the first stage owns the word
-embedding and the last stage holds a *copy* as its output-layer weight. Like Megatron-LM, the two
-copies start equal (:func:`initialize_tied_embeddings` broadcasts the first stage's) and stay equal
-because their gradients are summed over the embedding group before every optimizer step
-(:func:`allreduce_tied_embedding_grads`), so both see the gradient of the single shared weight.
+Three reductions, all linear and over disjoint concerns, so their order does not matter:
+
+* data parallel: the average over replicas (torch DDP has done it during backward already; our
+  bucketed :class:`DistributedDataParallel` does it here);
+* tensor parallel: the sum over TP ranks of gradients each rank holds only in part (norms under
+  sequence parallelism, q/k norms), via ``transformer.utils.allreduce_tp_partial_grads``;
+* tied embeddings across pipeline stages: the first stage owns the word embedding and the last
+  holds a copy as its output-layer weight (``LanguageModule.setup_embeddings_and_output_layer``
+  makes them equal at build time). Summing their gradients over the embedding group keeps them
+  equal: both then apply the gradient of the one shared weight, as in Megatron-LM.
 """
 
 from __future__ import annotations
@@ -50,23 +55,6 @@ def _needs_embedding_sync() -> bool:
     )
 
 
-def initialize_tied_embeddings(model: torch.nn.Module) -> None:
-    """Make the last stage's output-layer weight equal to the first stage's word embedding.
-
-    A collective over the embedding group: every first- and last-stage rank calls it once after
-    building its stage (other ranks may call it too; it does nothing there).
-    """
-    if not _needs_embedding_sync():
-        return
-    weight = tied_embedding_weight(model)
-    if weight is None:
-        return
-    group = parallel_state.get_embedding_group()
-    src = dist.get_global_rank(group, 0)
-    with torch.no_grad():
-        dist.broadcast(weight.data, src=src, group=group)
-
-
 def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
     """Sum the word-embedding gradient of the first and last pipeline stage (no-op elsewhere)."""
     if not _needs_embedding_sync():
@@ -80,14 +68,15 @@ def allreduce_tied_embedding_grads(model: torch.nn.Module) -> None:
 
 
 def finalize_model_grads(model: list[torch.nn.Module]) -> None:
-    """Finish gradient reduction for one step: data-parallel average, then tied-embedding sum.
+    """Finish gradient reduction for one step (see the module docstring); the schedules call it.
 
-    The two reductions are linear and over different ranks, so their order does not matter. torch
-    DDP has already reduced during backward; our :class:`DistributedDataParallel` reduces here.
+    Call it exactly once per step, after the last backward and before clipping / the optimizer.
     """
     from megatron_core.distributed.distributed_data_parallel import DistributedDataParallel
+    from megatron_core.transformer.utils import allreduce_tp_partial_grads
 
     for chunk in model:
         if isinstance(chunk, DistributedDataParallel):
             chunk.finish_grad_sync()
+        allreduce_tp_partial_grads(unwrap_model(chunk))
         allreduce_tied_embedding_grads(chunk)
