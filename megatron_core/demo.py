@@ -26,8 +26,7 @@ import torch
 from megatron_core import parallel_state
 from megatron_core.data import AlphabetDataset, AlphabetTokenizer, collate
 from megatron_core.inference import generate
-from megatron_core.training import latest_checkpoint, load_model
-from megatron_core.training.run_config import RunConfig, build_model, build_spec
+from megatron_core.training.run_config import RunConfig, build_spec, model_from_checkpoint
 from megatron_core.transformer.spec_utils import format_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,26 +100,27 @@ def main() -> int:
     run = RunConfig.from_yaml(CONFIG, _overrides(OUT))
     print("Layer spec (specs.gpt.get_gpt_layer_local_spec):\n" + format_spec(build_spec(run)), flush=True)
 
-    print("\n[1/4] training at tensor-parallel size 2 ...", flush=True)
-    train_with_torchrun(OUT)
+    print("\n[1/5] training at tensor-parallel size 2 ...", flush=True)
+    try:
+        train_with_torchrun(OUT)
+    except subprocess.CalledProcessError as err:
+        print(f"FAIL: training exited with status {err.returncode} (its output is above)", file=sys.stderr)
+        return 1
     train_seconds = time.perf_counter() - start
 
-    print("\n[2/4] reloading the TP=2 checkpoint at tensor-parallel size 1 ...", flush=True)
-    checkpoint = latest_checkpoint(OUT / "checkpoints")
-    if checkpoint is None:
-        print(f"FAIL: no complete checkpoint in {OUT / 'checkpoints'}", file=sys.stderr)
-        return 1
-    single = run.model_copy(update={"parallel": run.parallel.model_copy(update={"tensor_model_parallel_size": 1})})
+    print("\n[2/5] reloading the TP=2 checkpoint at tensor-parallel size 1 ...", flush=True)
     parallel_state.initialize_model_parallel(1)
-    model = build_model(single)
-    common = load_model(checkpoint, model)
-    model.eval()
+    try:
+        model, _, checkpoint, common = model_from_checkpoint(OUT / "checkpoints")
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+        print(f"FAIL: reloading the checkpoint at TP=1: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     print(f"loaded {checkpoint} (saved at TP={common['tensor_model_parallel_size']}, iteration "
           f"{common['iteration']}) into a TP=1 model", flush=True)
 
     tokenizer = AlphabetTokenizer()
     accuracy = next_letter_accuracy(model, tokenizer, run.data.seq_length)
-    print(f"\n[3/4] next-letter accuracy on 512 held-out sequences: {accuracy:.2%}", flush=True)
+    print(f"\n[3/5] next-letter accuracy on 512 held-out sequences: {accuracy:.2%}", flush=True)
 
     prompt = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(PROMPT)]])
     cached = generate(model, prompt, NUM_NEW, use_cache=True, vocab_size=tokenizer.num_real_tokens)
@@ -128,11 +128,11 @@ def main() -> int:
     letters = tokenizer.decode(cached.new_tokens(prompt.size(1))[0])
     same = torch.equal(cached.tokens, uncached.tokens)
     max_diff = float((cached.logits - uncached.logits).abs().max())
-    print(f"[4/4] generation with KV cache: {PROMPT!r} -> {letters!r} "
+    print(f"[4/5] generation with KV cache: {PROMPT!r} -> {letters!r} "
           f"(uncached decoding {'agrees' if same else 'DIFFERS'}, max logit diff {max_diff:.1e})", flush=True)
 
     png = plot_loss(OUT / "metrics.jsonl", OUT / "loss_curve.png")
-    print(f"\nloss curve: {png.resolve()}")
+    print(f"[5/5] loss curve: {png.resolve()}")
     print(f"wall time: {time.perf_counter() - start:.0f} s (training {train_seconds:.0f} s)")
     if accuracy < REQUIRED_ACCURACY:
         print(f"FAIL: accuracy {accuracy:.2%} < {REQUIRED_ACCURACY:.0%}", file=sys.stderr)

@@ -7,7 +7,7 @@ from megatron_core.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_core.training.loop import Trainer, TrainResult, language_model_step
-from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
+from megatron_core.training.optimizer import build_adamw, clip_grad_norm, finalize_grads, grad_norm_plan
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
 
@@ -18,6 +18,7 @@ __all__ = [
     "WarmupCosineScheduler",
     "build_adamw",
     "clip_grad_norm",
+    "finalize_grads",
     "grad_norm_plan",
     "language_model_step",
     "latest_checkpoint",

@@ -24,9 +24,9 @@ from megatron_core import parallel_state
 from megatron_core.data.loader import MicroBatchIterator
 from megatron_core.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_core.training.optimizer import (
-    allreduce_data_parallel_grads,
     build_adamw,
     clip_grad_norm,
+    finalize_grads,
     grad_norm_plan,
 )
 from megatron_core.training.scheduler import WarmupCosineScheduler
@@ -145,7 +145,7 @@ class Trainer:
                 summed, _ = self.forward_step(self.model, self._to_device(mb))
             (summed / total_tokens.float()).backward()
             loss_sum += summed.detach().double()
-        allreduce_data_parallel_grads(self.params)
+        finalize_grads(self.model, self.params)
         grad_norm = clip_grad_norm(self.params, self.counted, self.settings.clip_grad)
         self.optimizer.step()
         self.scheduler.step()

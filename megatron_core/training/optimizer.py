@@ -108,6 +108,18 @@ def clip_grad_norm(params: list[torch.nn.Parameter], counted: list[bool], max_no
     return float(total)
 
 
+def finalize_grads(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Complete the gradients after the last backward of a step, before clipping.
+
+    Sums over TP the gradients each rank holds only in part (norms under sequence parallelism,
+    q/k norms: ``allreduce_tp_partial_grads``), then sums over data-parallel replicas.
+    """
+    from megatron_core.transformer.utils import allreduce_tp_partial_grads
+
+    allreduce_tp_partial_grads(model)
+    allreduce_data_parallel_grads(params)
+
+
 def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over data-parallel replicas (a no-op without data parallelism).
 

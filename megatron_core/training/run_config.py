@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -196,3 +196,45 @@ def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_s
         share_embeddings_and_output_weights=run.model.share_embeddings_and_output_weights,
         **run.model.extra,
     )
+
+
+class LoadedRun(NamedTuple):
+    """A trained model and where it came from."""
+
+    model: torch.nn.Module
+    run: RunConfig
+    checkpoint: Path
+    common: dict[str, Any]  # the checkpoint's common state (iteration, saving TP size, ...)
+
+
+def model_from_checkpoint(path: str | Path) -> LoadedRun:
+    """Rebuild a run's model at the *current* TP size and load a checkpoint's weights into it.
+
+    Args:
+        path: a checkpoint directory, or a ``save_dir`` (its latest complete checkpoint is used).
+
+    Returns:
+        the model (eval mode), the run's config as saved, the checkpoint directory and its common state.
+
+    Raises:
+        FileNotFoundError: no complete checkpoint at ``path``.
+        KeyError: the checkpoint was not written by ``megatron_core.train`` (no ``run_config``).
+    """
+    from megatron_core import dist_checkpointing, parallel_state
+    from megatron_core.training.checkpointing import latest_checkpoint, load_model
+
+    path = Path(path)
+    checkpoint = path if (path / "metadata.json").is_file() else latest_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no complete checkpoint (a directory with metadata.json) at {path} or below it")
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    if "run_config" not in common:
+        raise KeyError(f"{checkpoint}: no run_config in the common state; it was not saved by megatron_core.train. "
+                       "Build the model yourself and use megatron_core.training.load_model")
+    run = RunConfig.model_validate(common["run_config"])
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    run = run.model_copy(update={"parallel": ParallelSection(tensor_model_parallel_size=tp)})
+    model = build_model(run)
+    load_model(checkpoint, model)
+    model.eval()
+    return LoadedRun(model, run, checkpoint, common)
