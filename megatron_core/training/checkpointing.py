@@ -77,8 +77,19 @@ def get_rng_state() -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tracker.get_states() if tracker is not None else None,
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
     }
+
+
+def _numpy_state_to_plain(state: Any) -> tuple[Any, ...]:
+    # Tensors and Python scalars only, so the state loads with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_plain(state: tuple[Any, ...]) -> tuple[Any, ...]:
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -89,7 +100,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("tracker") is not None and tracker is not None:
         tracker.set_states(state["tracker"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
 
 
 def _rng_object(data: Any) -> ShardedObject:
