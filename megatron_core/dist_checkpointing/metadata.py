@@ -1,0 +1,216 @@
+"""``metadata.json``: the checkpoint's table of contents, a pydantic model (no pickle).
+
+The file is written last, by rank 0, so its presence marks a complete checkpoint. It records the
+format name and integer version (a reader refuses a newer version), the parallel sizes of the
+saving run, and for every key: global shape, dtype, chunk grid and the shards that were written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from megatron_core.dist_checkpointing.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    UnsupportedFormatVersionError,
+)
+
+FORMAT_NAME: Literal["megatron_core.dist_checkpointing/zarr3"] = "megatron_core.dist_checkpointing/zarr3"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+OBJECTS_DIR = "objects"
+_RESERVED = {METADATA_FILE, COMMON_FILE, OBJECTS_DIR, ".", ".."}
+_MAX_NAME = 200
+
+# torch dtype <-> zarr3 data_type name (the name stored in metadata.json and zarr.json).
+_TORCH_TO_ZARR: dict[torch.dtype, str] = {
+    torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+    torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32", torch.int16: "int16",
+    torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
+}
+_ZARR_TO_TORCH = {v: k for k, v in _TORCH_TO_ZARR.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The stored name of a torch dtype.
+
+    Raises:
+        CheckpointFormatError: the dtype cannot be stored (complex, fp8, ...).
+    """
+    try:
+        return _TORCH_TO_ZARR[dtype]
+    except KeyError:
+        raise CheckpointFormatError(
+            f"dtype {dtype} cannot be stored; supported: {sorted(_TORCH_TO_ZARR.values())}. "
+            "Cast the tensor (or store it through a ShardedTensorFactory)."
+        ) from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a stored dtype name."""
+    try:
+        return _ZARR_TO_TORCH[name]
+    except KeyError:
+        raise CheckpointFormatError(f"unknown stored dtype {name!r}; known: {sorted(_ZARR_TO_TORCH)}") from None
+
+
+def storage_name(key: str) -> str:
+    """A file-system-safe, collision-free directory/file name for a checkpoint key.
+
+    Characters outside ``[A-Za-z0-9._-]`` are %-escaped (so ``/`` never nests), reserved names are
+    escaped too, and over-long names are shortened with a hash suffix.
+    """
+    name = quote(key, safe="._-")
+    if name in _RESERVED or name.startswith("."):
+        name = f"%{ord(name[0]):02X}{name[1:]}"
+    if len(name) > _MAX_NAME:
+        import hashlib
+
+        name = f"{name[:_MAX_NAME - 17]}~{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return name
+
+
+class _Model(BaseModel):
+    # Unknown fields are ignored so that a same-version writer may add optional information.
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class ShardRecord(_Model):
+    """One written shard of a tensor: its box in the global tensor and the rank that wrote it."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    rank: int
+
+
+class TensorRecord(_Model):
+    """Everything needed to read one stored tensor, without opening its zarr.json."""
+
+    path: str
+    global_shape: tuple[int, ...]
+    dtype: str
+    chunk_shape: tuple[int, ...]
+    inner_chunk_shape: tuple[int, ...]
+    shards: list[ShardRecord]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.global_shape) * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+
+
+class ObjectShardRecord(_Model):
+    """One stored ``ShardedObject`` (a ``torch.save`` file)."""
+
+    offset: tuple[int, ...]
+    path: str
+    rank: int
+    weights_only: bool  # loadable with torch.load(weights_only=True)
+
+
+class ObjectRecord(_Model):
+    global_shape: tuple[int, ...]
+    shards: list[ObjectShardRecord]
+
+
+class CommonRecord(_Model):
+    path: str
+    weights_only: bool
+
+
+class CheckpointMetadata(_Model):
+    """The content of ``metadata.json``."""
+
+    format: Literal["megatron_core.dist_checkpointing/zarr3"] = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    world_size: int
+    parallel_sizes: dict[str, int]
+    common: CommonRecord | None = None
+    tensors: dict[str, TensorRecord]
+    objects: dict[str, ObjectRecord]
+
+
+def write_metadata(checkpoint_dir: Path, metadata: CheckpointMetadata) -> None:
+    """Write ``metadata.json`` durably (temp file, fsync, rename, fsync of the directory)."""
+    final = checkpoint_dir / METADATA_FILE
+    tmp = checkpoint_dir / f".{METADATA_FILE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(metadata.model_dump_json(indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(checkpoint_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _leftover_note(checkpoint_dir: Path) -> str:
+    parent = checkpoint_dir.parent
+    if not parent.is_dir():
+        return ""
+    leftovers = sorted(p.name for p in parent.glob(f"{checkpoint_dir.name}.tmp-*"))
+    if not leftovers:
+        return ""
+    return (f" Found {len(leftovers)} unfinished save(s) beside it ({', '.join(leftovers[:3])}): a save "
+            "was interrupted before it committed; those directories are not checkpoints and can be deleted.")
+
+
+def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
+    """Read and check ``metadata.json`` of a checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: the directory does not exist.
+        IncompleteCheckpointError: there is no ``metadata.json`` (the save did not finish).
+        UnsupportedFormatVersionError: written by a newer format version.
+        CheckpointFormatError: the file is not this format's metadata.
+    """
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {str(path)!r} does not exist.{_leftover_note(path)} "
+            "Check the path (and that the save finished)."
+        )
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise IncompleteCheckpointError(
+            f"{str(path)!r} has no {METADATA_FILE}: it is an incomplete checkpoint (a save that was "
+            "interrupted before it committed) or not a checkpoint at all. It cannot be loaded; "
+            "use an earlier checkpoint."
+        )
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{str(meta_path)!r} is not readable JSON: {e}") from e
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointFormatError(
+            f"{str(meta_path)!r}: format {found!r} is not {FORMAT_NAME!r}; this is not a "
+            "megatron_core.dist_checkpointing checkpoint"
+        )
+    version = raw.get("version")
+    if not isinstance(version, int):
+        raise CheckpointFormatError(f"{str(meta_path)!r}: version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"{str(path)!r} was written with checkpoint format version {version}, but this reader "
+            f"supports versions up to {FORMAT_VERSION}. Upgrade megatron_core to load it."
+        )
+    try:
+        return CheckpointMetadata.model_validate(raw)
+    except ValidationError as e:
+        raise CheckpointFormatError(f"{str(meta_path)!r} does not describe a checkpoint: {e}") from e
