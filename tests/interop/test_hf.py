@@ -19,6 +19,11 @@ from megatron_core.interop import (
 transformers = pytest.importorskip("transformers")
 
 
+def _config(**overrides):
+    fields = dict(n_embd=32, n_head=2, n_layer=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Config(**{**fields, **overrides})
+
+
 def test_registry_lists_gpt2_and_llama():
     assert {"gpt2", "llama"} <= set(FAMILY_MODULES)
     assert get_family("gpt2").hf_model_classes == ("GPT2LMHeadModel",)
@@ -31,13 +36,13 @@ def test_unknown_model_type_names_the_known_ones():
 
 
 def test_from_hf_wants_the_causal_lm_class():
-    base = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=50))
+    base = transformers.GPT2Model(_config(n_layer=1))
     with pytest.raises(HFInteropError, match="GPT2LMHeadModel.*got GPT2Model"):
         from_hf(base)
 
 
 def test_missing_and_unexpected_keys_are_named():
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=2, vocab_size=50))
+    hf = transformers.GPT2LMHeadModel(_config())
     sd = dict(hf.state_dict())
     del sd["transformer.h.1.mlp.c_fc.bias"]
     with pytest.raises(HFInteropError, match=r"missing key 'transformer.h.1.mlp.c_fc.bias'"):
@@ -49,7 +54,7 @@ def test_missing_and_unexpected_keys_are_named():
 
 
 def test_state_dict_from_hf_without_models():
-    config = transformers.GPT2Config(n_embd=32, n_head=2, n_layer=2, vocab_size=50, n_positions=16)
+    config = _config(n_positions=16)
     hf = transformers.GPT2LMHeadModel(config)
     blueprint, sd = state_dict_from_hf(hf.state_dict(), config)
     assert blueprint.family == "gpt2"
@@ -77,13 +82,13 @@ def test_to_hf_refuses_unknown_models_and_unrepresentable_ones():
 
 
 def test_from_hf_refuses_tensor_parallel_overrides():
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=50))
+    hf = transformers.GPT2LMHeadModel(_config(n_layer=1))
     with pytest.raises(HFInteropError, match="TP=1"):
         from_hf(hf, config_overrides={"tensor_model_parallel_size": 2})
 
 
 def test_dtype_follows_the_hf_model():
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=50))
+    hf = transformers.GPT2LMHeadModel(_config(n_layer=1))
     ours = from_hf(hf.to(torch.bfloat16))
     assert ours.config.params_dtype == "bfloat16"
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
@@ -94,7 +99,7 @@ def test_dtype_follows_the_hf_model():
 
 
 def test_config_overrides_and_hf_config_template_survive():
-    config = transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=50, bos_token_id=3, eos_token_id=4)
+    config = _config(n_layer=1, bos_token_id=3, eos_token_id=4)
     ours = from_hf(transformers.GPT2LMHeadModel(config), config_overrides={"hidden_dropout": 0.0})
     assert ours.config.hidden_dropout == 0.0
     back = to_hf(ours)

@@ -57,7 +57,8 @@ def test_our_gpt_from_local_spec_to_gpt2():
 
 def test_blueprint_maps_gpt2_fields():
     config = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=3, n_positions=40, vocab_size=VOCAB,
-                                     layer_norm_epsilon=1e-6, resid_pdrop=0.2, attn_pdrop=0.3, initializer_range=0.05)
+                                     layer_norm_epsilon=1e-6, resid_pdrop=0.2, attn_pdrop=0.3, initializer_range=0.05,
+                                     bos_token_id=0, eos_token_id=0)
     bp = blueprint_from_hf_config(config)
     cfg = bp.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups) == (3, 64, 4, 4)
