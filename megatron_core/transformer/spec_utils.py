@@ -51,7 +51,7 @@ def import_by_path(path: str) -> Any:
     for split in range(len(parts) - 1, 0, -1):
         try:
             obj: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
+        except ModuleNotFoundError:  # not a module: try a shorter prefix; other import errors propagate
             continue
         try:
             for name in parts[split:]:
