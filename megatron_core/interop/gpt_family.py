@@ -65,7 +65,7 @@ def ours_activation_to_hf(ours: str, preferred: str | None, default: str) -> str
     raise HFInteropError(f"activation_func={ours!r} has no Hugging Face equivalent")
 
 
-def _rotary_settings(model: torch.nn.Module) -> dict[str, float]:
+def _rotary_settings(model: Any) -> dict[str, float]:
     """rotary_percent and rotary_base of a GPTModel: its attributes, else read off its RotaryEmbedding."""
     rotary = model.rotary_pos_emb
     kv_channels = model.config.kv_channels
@@ -114,7 +114,7 @@ class GPTModelFamily(HFFamily):
                 f"{self.model_type}: the model is one pipeline stage (pre_process/post_process False); "
                 "Fix: convert a whole model (pipeline_model_parallel_size=1)."
             )
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "vocab_size": model.vocab_size,
             "max_sequence_length": model.max_sequence_length,
             "position_embedding_type": model.position_embedding_type,

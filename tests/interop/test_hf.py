@@ -66,10 +66,9 @@ def test_state_dict_from_hf_without_models():
 def test_to_hf_refuses_unknown_models_and_unrepresentable_ones():
     with pytest.raises(HFInteropError, match="cannot infer the Hugging Face family"):
         to_hf(torch.nn.Linear(2, 2))
-    from specs.gpt import get_gpt_layer_local_spec
-
     from megatron_core.config import TransformerConfig
     from megatron_core.models.gpt import GPTModel
+    from specs.gpt import get_gpt_layer_local_spec
 
     # rope + LayerNorm + gelu: neither GPT-2 (learned positions) nor Llama (RMSNorm, swiglu).
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2)

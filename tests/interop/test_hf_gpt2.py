@@ -42,10 +42,9 @@ def test_gpt2_variants(case, overrides):
 
 
 def test_our_gpt_from_local_spec_to_gpt2():
-    from specs.gpt import get_gpt_layer_local_spec
-
     from megatron_core.config import TransformerConfig
     from megatron_core.models.gpt import GPTModel
+    from specs.gpt import get_gpt_layer_local_spec
 
     config = TransformerConfig(num_layers=2, hidden_size=48, num_attention_heads=4, ffn_hidden_size=96,
                                activation_func="gelu_tanh", hidden_dropout=0.0, attention_dropout=0.0)

@@ -44,10 +44,9 @@ def test_llama_variants(case, overrides):
 
 
 def test_our_llama_spec_model_to_hf():
-    from specs.llama import get_llama_layer_local_spec
-
     from megatron_core.config import TransformerConfig
     from megatron_core.models.gpt import GPTModel
+    from specs.llama import get_llama_layer_local_spec
 
     config = TransformerConfig(num_layers=2, hidden_size=48, num_attention_heads=6, num_query_groups=3,
                                ffn_hidden_size=64, activation_func="swiglu", normalization="RMSNorm",
