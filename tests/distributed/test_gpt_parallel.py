@@ -1,0 +1,110 @@
+"""A tied-embedding GPT under TP x PP x DP layouts: one step's loss and gathered gradients, and five
+AdamW steps, equal a single process (fp32)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+from megatron_core import TransformerConfig
+from megatron_core import parallel_state as ps
+from megatron_core.testing import run_distributed
+from tests.distributed.gpt_harness import (
+    LAYERS,
+    assemble,
+    full_weights,
+    make_config,
+    make_steps,
+    reference,
+    setup,
+    train_steps,
+)
+
+FULL = full_weights()
+STEPS = make_steps(5)
+TOL = 1e-5
+
+
+@functools.cache
+def _reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    return reference(FULL, STEPS)
+
+
+def _train(tp: int, pp: int, num_microbatches: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    model, optimizer = setup(tp, pp, FULL, **overrides)
+    losses, grads = train_steps(model, optimizer, STEPS, num_microbatches)
+    return {"losses": losses, "grads": grads, "dp": ps.get_data_parallel_world_size()}
+
+
+LAYOUTS = [
+    # world, TP, PP, micro-batches per DP rank, config overrides
+    pytest.param(4, 2, 2, 4, {}, id="tp2-pp2"),  # more micro-batches than stages
+    pytest.param(4, 1, 4, 4, {}, id="pp4"),  # exactly as many
+    pytest.param(4, 2, 1, 2, {}, id="tp2-dp2"),
+    pytest.param(4, 1, 1, 2, {}, id="dp4"),
+    pytest.param(2, 1, 2, 4, {}, id="pp2"),
+    pytest.param(2, 1, 2, 2, {"num_layers_in_first_pipeline_stage": 1}, id="pp2-uneven-1+3"),
+]
+
+
+@pytest.mark.parametrize("world, tp, pp, num_microbatches, overrides", LAYOUTS)
+def test_layout_matches_single_process(tmp_path, world, tp, pp, num_microbatches, overrides):
+    ref_losses, ref_grads = _reference()
+    per_rank = run_distributed(_train, world, tp, pp, num_microbatches, overrides, tmp_dir=tmp_path)
+    assert per_rank[0]["dp"] == world // (tp * pp)
+
+    grads, copy_gap = assemble([r["grads"] for r in per_rank])
+    assert sorted(grads) == sorted(ref_grads), "every parameter's gradient is gathered exactly once"
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(grads[key], ref, atol=TOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+    # TP-replicated tensors, data-parallel replicas and the last stage's tied embedding copy agree.
+    assert copy_gap < 1e-6
+
+    for r in per_rank:
+        assert r["losses"] == per_rank[0]["losses"]
+    torch.testing.assert_close(torch.tensor(per_rank[0]["losses"]), torch.tensor(ref_losses), atol=TOL, rtol=0)
+    assert per_rank[0]["losses"][-1] < per_rank[0]["losses"][0]
+
+
+# ---------------------------------------------------------------------------- bad layouts
+def _init(tp: int, pp: int) -> str:
+    try:
+        ps.initialize_model_parallel(tp, pp)
+    except ps.ParallelStateError as e:
+        return str(e)
+    finally:
+        # Nothing else is collective here: keep a fast rank from leaving while its peer still connects.
+        torch.distributed.barrier()
+    return "no error"
+
+
+def test_world_not_divisible_by_tp_times_pp(tmp_path):
+    messages = run_distributed(_init, 2, 2, 2, tmp_dir=tmp_path)
+    assert all("world size 2 is not divisible" in m and "= 4" in m for m in messages)
+
+
+def test_layers_not_divisible_by_pp_without_overrides():
+    with pytest.raises(ValueError, match=r"num_layers=.*cannot be split evenly over 3 pipeline stages"):
+        make_config(pp=3)
+    # The override that fixes it: 2 layers on the first stage, 1 on each of the other two.
+    TransformerConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, pipeline_model_parallel_size=3,
+                      num_layers_in_first_pipeline_stage=2)
+    with pytest.raises(ValueError, match="do not add up"):
+        make_config(pp=2, num_layers_in_first_pipeline_stage=3, num_layers_in_last_pipeline_stage=3)
+
+
+def _config_disagrees_with_state() -> str:
+    ps.initialize_model_parallel(1, 2)
+    try:
+        setup(1, 4, FULL)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_config_pipeline_size_must_match_the_launched_layout(tmp_path):
+    for message in run_distributed(_config_disagrees_with_state, 2, tmp_dir=tmp_path):
+        assert "pipeline_model_parallel_size=4" in message and "2 pipeline stages" in message
