@@ -155,7 +155,7 @@ def wrap_data_parallel(
     group = parallel_state.get_data_parallel_group()
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return torch.nn.parallel.DistributedDataParallel(
-            module, process_group=group, broadcast_buffers=False, bucket_cap_mb=bucket_size * 4 / 2**20,
+            module, process_group=group, forward_sync_buffers=False, bucket_cap_mb=bucket_size * 4 / 2**20,
             find_unused_parameters=find_unused_parameters,
         )
     return DistributedDataParallel(module, group, bucket_size)
