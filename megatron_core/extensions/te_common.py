@@ -15,7 +15,8 @@ from megatron_core.extensions.te_usability import require_te
 
 require_te("megatron_core.extensions.transformer_engine")
 
-import transformer_engine.pytorch as te  # noqa: E402
+import transformer_engine as te  # noqa: E402
+import transformer_engine.pytorch  # noqa: E402,F401  (binds te.pytorch)
 
 from megatron_core import parallel_state  # noqa: E402
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict  # noqa: E402
