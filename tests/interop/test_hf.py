@@ -108,3 +108,25 @@ def test_config_overrides_and_hf_config_template_survive():
 def test_fake_config_dispatch():
     with pytest.raises(HFInteropError, match="no Hugging Face converter"):
         state_dict_from_hf({}, SimpleNamespace(model_type="xlnet_fake"))
+
+
+def _convert_at_tp2() -> list[str]:
+    from megatron_core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    hf = transformers.GPT2LMHeadModel(_config(n_layer=1))
+    errors = []
+    for convert in (from_hf, to_hf):
+        try:
+            convert(hf)
+        except HFInteropError as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_conversion_refuses_a_tensor_parallel_world(tmp_path):
+    from megatron_core.testing import run_distributed
+
+    for errors in run_distributed(_convert_at_tp2, 2, tmp_dir=tmp_path, timeout=120):
+        assert len(errors) == 2
+        assert all("tensor-parallel world size is 2" in e and "Fix:" in e for e in errors)
