@@ -65,3 +65,35 @@ def merge_factories(original: Any, loaded_built: Any) -> Any:
     if isinstance(original, tuple):
         return tuple(merge_factories(v, lv) for v, lv in zip(original, loaded_built, strict=True))
     return loaded_built
+
+
+def has_sharded(tree: Any) -> bool:
+    return any(isinstance(leaf, SHARDED_TYPES) for _, leaf in iter_leaves(tree))
+
+
+def nonsharded_subtrees(tree: Any, path: Path = ()) -> dict[Path, Any]:
+    """The largest subtrees holding no sharded leaf, by path (the state ``save`` stores once)."""
+    if not has_sharded(tree):
+        return {path: tree}
+    out: dict[Path, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(nonsharded_subtrees(v, (*path, k)))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(nonsharded_subtrees(v, (*path, i)))
+    return out
+
+
+def replace_at(tree: Any, path: Path, value: Any) -> Any:
+    """``tree`` with the value at ``path`` replaced, if that path exists (tuples are rebuilt)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(tree, dict) and head in tree:
+        tree[head] = replace_at(tree[head], rest, value)
+    elif isinstance(tree, list) and isinstance(head, int) and 0 <= head < len(tree):
+        tree[head] = replace_at(tree[head], rest, value)
+    elif isinstance(tree, tuple) and isinstance(head, int) and 0 <= head < len(tree):
+        tree = (*tree[:head], replace_at(tree[head], rest, value), *tree[head + 1:])
+    return tree

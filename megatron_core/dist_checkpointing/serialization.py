@@ -36,11 +36,11 @@ import torch
 
 from megatron_core.dist_checkpointing import comm
 from megatron_core.dist_checkpointing.dict_utils import (
-    SHARDED_TYPES,
     build_factories,
-    iter_leaves,
     map_leaves,
     merge_factories,
+    nonsharded_subtrees,
+    replace_at,
     sharded_leaves,
 )
 from megatron_core.dist_checkpointing.errors import (
@@ -147,8 +147,7 @@ def save(
         )
     records = _tensor_records(all_descs)
     object_paths = _object_paths(all_descs)
-    common = {"common": common_state_dict or {},
-              "nonsharded": {p: v for p, v in iter_leaves(sharded_state_dict) if not isinstance(v, SHARDED_TYPES)}}
+    common = {"common": common_state_dict or {}, "nonsharded": nonsharded_subtrees(sharded_state_dict)}
     status = _write_local(tmp, me, leaves, records, object_paths, common if me == 0 else None)
     statuses = comm.all_gather_object(status)
 
@@ -337,8 +336,9 @@ def load(
             tensors' data is only used for shapes and is not modified.
         checkpoint_dir: a committed checkpoint.
         strict: ``"raise"`` (default), ``"warn"`` or ``"ignore"`` missing keys (requested, not
-            saved: the value passed in is kept) and unexpected keys (saved, requested by no rank).
-            Shape and dtype mismatches always raise.
+            saved: the value passed in is kept) and unexpected keys (saved, requested by no rank);
+            ``"raise_missing"`` raises on missing keys only (for partial loads, e.g. the model
+            of a training checkpoint). Shape and dtype mismatches always raise.
         allow_dtype_cast: cast stored tensors to the requested dtype instead of raising.
 
     Returns:
@@ -372,7 +372,7 @@ def _load(sharded_state_dict: ShardedStateDict, path: Path, strict: StrictHandli
     loaded: dict[Any, Any] = {}
     try:
         loaded = _read_all(path, metadata, leaves, allow_dtype_cast)
-        if any(not isinstance(v, SHARDED_TYPES) for _, v in iter_leaves(sharded_state_dict)):
+        if nonsharded_subtrees(sharded_state_dict):
             loaded["__nonsharded__"] = _read_common(path, metadata)["nonsharded"]
     except CheckpointingError as e:
         error = e
@@ -387,11 +387,12 @@ def _load(sharded_state_dict: ShardedStateDict, path: Path, strict: StrictHandli
     nonsharded = loaded.pop("__nonsharded__", {})
 
     def fill(p: Any, leaf: Any) -> Any:
-        if isinstance(leaf, (ShardedTensor, ShardedObject)):
-            return loaded.get(p, leaf.data)
-        return nonsharded.get(p, leaf)
+        return loaded.get(p, leaf.data) if isinstance(leaf, (ShardedTensor, ShardedObject)) else leaf
 
-    return merge_factories(sharded_state_dict, map_leaves(built, fill))
+    result = merge_factories(sharded_state_dict, map_leaves(built, fill))
+    for p, value in nonsharded.items():  # saved non-sharded state, where the request has a place for it
+        result = replace_at(result, p, value)
+    return result
 
 
 def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[Any, Any]],
@@ -444,10 +445,10 @@ def _read_object(path: Path, metadata: CheckpointMetadata, leaf: ShardedObject) 
     shard = next((s for s in record.shards if tuple(s.offset) == tuple(leaf.global_offset)), None) if record else None
     if shard is None:
         return _MISSING
-    return _load_torch_file(path / shard.path, shard.weights_only, leaf.key)
+    return read_torch_file(path / shard.path, shard.weights_only, leaf.key)
 
 
-def _load_torch_file(file: Path, weights_only: bool, what: str) -> Any:
+def read_torch_file(file: Path, weights_only: bool, what: str) -> Any:
     if not file.is_file():
         raise MissingChunkError(f"{what}: file {str(file)!r} listed in {METADATA_FILE} is missing; the checkpoint is "
                                 "damaged")
@@ -462,7 +463,7 @@ def _load_torch_file(file: Path, weights_only: bool, what: str) -> Any:
 def _read_common(path: Path, metadata: CheckpointMetadata) -> dict[str, Any]:
     if metadata.common is None:
         return {"common": {}, "nonsharded": {}}
-    return _load_torch_file(path / metadata.common.path, metadata.common.weights_only, "common state")
+    return read_torch_file(path / metadata.common.path, metadata.common.weights_only, "common state")
 
 
 # ============================================================================================ inspect

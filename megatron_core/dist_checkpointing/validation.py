@@ -35,9 +35,15 @@ _MAX_LISTED = 100  # per key and kind of problem, to keep messages bounded
 
 
 class StrictHandling(StrEnum):
-    """What ``load`` does about missing and unexpected keys (shape/dtype mismatches always raise)."""
+    """What ``load`` does about missing and unexpected keys (shape/dtype mismatches always raise).
+
+    ``raise``: both are errors. ``raise_missing``: missing keys are errors, unexpected keys are
+    fine (loading part of a checkpoint, e.g. only the model of a training checkpoint).
+    ``warn``: log both. ``ignore``: say nothing.
+    """
 
     RAISE = "raise"
+    RAISE_MISSING = "raise_missing"
     WARN = "warn"
     IGNORE = "ignore"
 
@@ -205,15 +211,15 @@ def decide(problems: LoadProblems, metadata: CheckpointMetadata, path: str, stri
     saved = set(metadata.tensors) | set(metadata.objects)
     unexpected = sorted(saved - problems.requested)
     missing = sorted(problems.missing)
-    key_problems = strict is StrictHandling.RAISE and bool(missing or unexpected)
+    reported_missing = missing if strict in (StrictHandling.RAISE, StrictHandling.RAISE_MISSING) else []
+    reported_unexpected = unexpected if strict is StrictHandling.RAISE else []
+    key_problems = bool(reported_missing or reported_unexpected)
     if strict is StrictHandling.WARN and (missing or unexpected):
         logger.warning("loading %s: %d missing keys %s, %d unexpected keys %s", path, len(missing), missing[:20],
                        len(unexpected), unexpected[:20])
     if not (key_problems or problems.shape or problems.dtype):
         return unexpected
     sections = []
-    reported_missing = missing if strict is StrictHandling.RAISE else []
-    reported_unexpected = unexpected if strict is StrictHandling.RAISE else []
     for title, items in (("missing keys (requested, not in the checkpoint)", reported_missing),
                          ("unexpected keys (in the checkpoint, requested by no rank)", reported_unexpected),
                          ("shape mismatches", problems.shape), ("dtype mismatches", problems.dtype)):
@@ -223,7 +229,8 @@ def decide(problems: LoadProblems, metadata: CheckpointMetadata, path: str, stri
     cls: type[CheckpointMismatchError] = CheckpointMismatchError
     if sum(kinds) == 1:
         cls = [MissingKeyError, UnexpectedKeyError, ShapeMismatchError, DTypeMismatchError][kinds.index(True)]
-    hint = " (strict='warn' or 'ignore' tolerates missing/unexpected keys)" if key_problems else ""
+    hint = (" (strict='raise_missing' tolerates unexpected keys; 'warn' or 'ignore' both)"
+            if key_problems else "")
     raise cls(f"cannot load checkpoint {path!r}{hint}:\n" + "\n".join(sections),
               missing_keys=reported_missing, unexpected_keys=reported_unexpected,
               shape_mismatches=problems.shape, dtype_mismatches=problems.dtype)
