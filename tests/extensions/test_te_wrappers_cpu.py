@@ -1,0 +1,184 @@
+"""The TE wrappers' wiring on CPU, with the CPU reference of TE's API in place of Transformer Engine.
+
+What this proves without a GPU: the wrappers accept their slots' calls, return what the local
+modules return, initialise like the local layers, produce the local spec's checkpoint keys,
+split axes and layouts at TP=1 and TP=2, load local state dicts and checkpoints, and vice versa.
+TE's kernels themselves are compared with the local spec in ``tests/gpu`` on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.extensions.te_key_map import local_to_te_state_dict, te_to_local_state_dict
+from megatron_core.models.gpt import GPTModel
+from megatron_core.testing import run_distributed
+from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.enums import AttnMaskType
+from specs.backends import get_llama_layer_te_spec
+from specs.llama import LLAMA_MODEL_KWARGS
+from tests.extensions._fake_te import enable_fake_te, fake_te
+from tests.extensions._te_models import (
+    FAMILIES,
+    batch,
+    build,
+    describe_sharded,
+    make_config,
+    same_description,
+)
+
+
+@pytest.fixture
+def te() -> Iterator[ModuleType]:
+    with fake_te() as wrappers:
+        yield wrappers
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ----------------------------------------------------------------------------- whole models, TP=1
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_gives_the_same_weights_logits_and_grads(te: ModuleType, family: str) -> None:
+    local, te_model = build(family, "local", seed=3), build(family, "te", seed=3)
+    local_sd = local.state_dict()
+    mapped = te_to_local_state_dict(te_model.state_dict())
+    assert mapped.keys() == local_sd.keys()
+    assert all(torch.equal(mapped[k], local_sd[k]) for k in local_sd)  # TP-invariant init is shared
+
+    ids, positions = batch()
+    logits_local, logits_te = local(ids, positions, None), te_model(ids, positions, None)  # [b, s, vocab]
+    assert (logits_te - logits_local).abs().max().item() < 1e-5
+    logits_local.square().mean().backward()
+    logits_te.square().mean().backward()
+    grads_local, grads_te = _grads(local), te_to_local_state_dict(_grads(te_model))
+    assert grads_te.keys() == grads_local.keys()
+    for name, grad in grads_local.items():
+        torch.testing.assert_close(grads_te[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dicts_round_trip_between_specs(te: ModuleType, family: str) -> None:
+    local, te_model = build(family, "local", seed=1), build(family, "te", seed=2)
+    local_sd = local.state_dict()
+    assert set(te_model.state_dict()) == set(local_to_te_state_dict(local_sd, with_extra_state=True))
+    te_model.load_state_dict(local_to_te_state_dict(local_sd), strict=True)  # no _extra_state needed
+    back = te_to_local_state_dict(te_model.state_dict())
+    assert all(torch.equal(back[k], local_sd[k]) for k in local_sd)
+    fresh = build(family, "local", seed=5)
+    fresh.load_state_dict(back, strict=True)
+    ids, positions = batch()
+    assert torch.equal(fresh(ids, positions, None), local(ids, positions, None))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_state_dict_equals_the_local_one(te: ModuleType, family: str) -> None:
+    local, te_model = build(family, "local", seed=4), build(family, "te", seed=4)
+    te_sharded = te_model.sharded_state_dict()
+    assert same_description(describe_sharded(te_sharded), describe_sharded(local.sharded_state_dict()))
+    # dict keys stay the module's state_dict names, so a loaded dict feeds load_state_dict directly
+    assert set(te_sharded) == {k for k in te_model.state_dict() if not k.endswith("_extra_state")}
+    assert te_sharded["decoder.layers.1.mlp.linear_fc1.layer_norm_weight"].key == "decoder.layers.1.pre_mlp_layernorm.weight"
+
+
+# ----------------------------------------------------------------------------- modules
+def test_activation_ops_follow_the_config(te: ModuleType) -> None:
+    x = torch.randn(3, 2, 16)
+    for name, expected in [
+        ("swiglu", torch.nn.functional.silu(x[..., :8]) * x[..., 8:]),
+        ("gelu_tanh", torch.nn.functional.gelu(x, approximate="tanh")),
+        ("squared_relu", torch.relu(x) ** 2),
+    ]:
+        op = te.TEActivationOp(config=TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
+                                                        activation_func=name))
+        torch.testing.assert_close(op(x), expected)
+    with pytest.raises(ValueError, match="tanh approximation"):
+        te.TEActivationOp(config=TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2))
+
+
+def test_te_activation_in_the_llama_mlp(te: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = GPTModel(make_config("llama"), get_llama_layer_te_spec(use_te_activation_func=True), vocab_size=64,
+                     max_sequence_length=16, **LLAMA_MODEL_KWARGS)
+    reference = build("llama", "local", seed=0)
+    ids, positions = batch()
+    assert (model(ids, positions, None) - reference(ids, positions, None)).abs().max().item() < 1e-5
+    assert "decoder.layers.0.mlp.activation_module.op._extra_state" in model.state_dict()
+    model.load_state_dict(local_to_te_state_dict(reference.state_dict()), strict=True)
+
+
+def test_fused_norm_refuses_post_norm_layers(te: ModuleType) -> None:
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, layernorm_position="post")
+    with pytest.raises(ValueError, match="layernorm_position='post'"):
+        te.TELayerNormColumnParallelLinear(16, 48, config=config, init_method=config.init_method,
+                                           gather_output=False, bias=True, skip_bias_add=False)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_kv_cache", "padding_mask", "causal_and_mask",
+                                  "no_mask_ignores_mask", "bias"])
+def test_attention_masks_match_the_local_core(te: ModuleType, case: str) -> None:
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               attention_dropout=0.0)
+    sq, sk, b = (3, 7, 2) if case == "causal_kv_cache" else (5, 5, 2)
+    q, k, v = torch.randn(sq, b, 4, 8), torch.randn(sk, b, 2, 8), torch.randn(sk, b, 2, 8)
+    mask_type = AttnMaskType.no_mask if case == "no_mask_ignores_mask" else (
+        AttnMaskType.padding if case == "padding_mask" else AttnMaskType.causal)
+    mask = torch.zeros(b, 1, 1, sk, dtype=torch.bool)
+    mask[1, ..., -2:] = True  # the second sequence is padded
+    mask = mask if case in ("padding_mask", "causal_and_mask", "no_mask_ignores_mask") else None
+    bias = torch.randn(1, 4, sq, sk) if case == "bias" else None
+    kwargs = dict(config=config, layer_number=1, attn_mask_type=mask_type, attention_type="self")
+    expected = DotProductAttention(**kwargs)(q, k, v, mask, attention_bias=bias)
+    actual = te.TEDotProductAttention(**kwargs)(q, k, v, mask, attention_bias=bias)  # [sq, b, np*hn]
+    assert actual.shape == (sq, b, 32)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- TP=2
+def _tp2_worker(family: str, sequence_parallel: bool) -> dict[str, object]:
+    enable_fake_te()
+    parallel_state.initialize_model_parallel(2, 1)
+    extra = {"sequence_parallel": True} if sequence_parallel else {}
+    local, te_model = build(family, "local", seed=6, tp=2, **extra), build(family, "te", seed=6, tp=2, **extra)
+    ids, positions = batch()
+    logits_local, logits_te = local(ids, positions, None), te_model(ids, positions, None)  # [b, s, vocab/tp]
+    return {
+        "same_sharding": same_description(describe_sharded(te_model.sharded_state_dict()),
+                                          describe_sharded(local.sharded_state_dict())),
+        "logits_diff": (logits_te - logits_local).abs().max().item(),
+        "gather_diff": _gather_output_diff(),
+    }
+
+
+def _gather_output_diff() -> float:
+    """``gather_output=True`` and ``input_is_parallel=False`` behave as the local layers do."""
+    import megatron_core.extensions.transformer_engine as te_wrappers
+    from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, tensor_model_parallel_size=2)
+    common = dict(config=config, init_method=config.init_method, bias=True, skip_bias_add=False)
+    x = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    col_local = ColumnParallelLinear(16, 8, gather_output=True, **common)
+    row_local = RowParallelLinear(8, 16, input_is_parallel=False, **common)
+    torch.manual_seed(0)
+    col_te = te_wrappers.TEColumnParallelLinear(16, 8, gather_output=True, **common)
+    row_te = te_wrappers.TERowParallelLinear(8, 16, input_is_parallel=False, **common)
+    expected = row_local(col_local(x)[0])[0]  # [4, 2, 16]
+    actual = row_te(col_te(x)[0])[0]
+    return (actual - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("family,sequence_parallel", [("gpt", False), ("gpt", True), ("llama", False)])
+def test_tp2_sharding_and_logits_match_the_local_spec(family: str, sequence_parallel: bool, tmp_path) -> None:
+    for rank in run_distributed(_tp2_worker, 2, family, sequence_parallel, tmp_dir=tmp_path):
+        assert rank["same_sharding"]
+        assert rank["logits_diff"] < 1e-5
+        assert rank["gather_diff"] < 1e-6
