@@ -98,8 +98,10 @@ class DistributedDataParallel(torch.nn.Module):
         """
         if self.dp_size == 1:
             return
-        used = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32)
+        device = self._params[0].device if self._params else torch.device("cpu")
+        used = torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32, device=device)
         dist.all_reduce(used, group=self.data_parallel_group)
+        used = used.cpu()
         pending = []
         for bucket in self._buckets:
             flat = torch.cat([

@@ -33,14 +33,14 @@ class PipelineShapeError(RuntimeError):
     """Two pipeline stages disagree on the shape or dtype of the tensor passed between them."""
 
 
-def _header(tensor: torch.Tensor) -> torch.Tensor:
+def _header(tensor: torch.Tensor) -> torch.Tensor:  # on the tensor's device: NCCL sends device memory only
     if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
         raise PipelineShapeError(
             f"cannot send a {tensor.dim()}-d {tensor.dtype} tensor between pipeline stages: at most "
             f"{_MAX_DIMS} dims of one of {list(_DTYPES)}"
         )
     dims = list(tensor.shape) + [0] * (_MAX_DIMS - tensor.dim())
-    return torch.tensor([tensor.dim(), _DTYPES.index(tensor.dtype), *dims], dtype=torch.int64)
+    return torch.tensor([tensor.dim(), _DTYPES.index(tensor.dtype), *dims], dtype=torch.int64, device=tensor.device)
 
 
 def _stage_of(rank: int) -> str:
@@ -67,11 +67,13 @@ class StageCommunicator:
     Args:
         tensor_shape: the activation shape every stage agrees on.
         dtype: the activation dtype.
+        device: where received tensors are allocated (the model's device; CUDA with NCCL).
     """
 
-    def __init__(self, tensor_shape: Shape, dtype: torch.dtype) -> None:
+    def __init__(self, tensor_shape: Shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         self.shape = tuple(int(d) for d in tensor_shape)
         self.dtype = dtype
+        self.device = torch.device(device)
         self.group = parallel_state.get_pipeline_model_parallel_group()
         first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
         self.prev = None if first else parallel_state.get_pipeline_model_parallel_prev_rank()
@@ -118,7 +120,7 @@ class StageCommunicator:
         header_in = recv_from is not None and recv_from not in self._received_from
         received_shape, received_dtype = self.shape, self.dtype
         if header_out or header_in:
-            incoming = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64)
+            incoming = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
             ops: list[Any] = []  # torch types isend/irecv as returning Work | None
             if header_out:
                 assert send is not None
@@ -133,7 +135,8 @@ class StageCommunicator:
                 received_shape = tuple(int(d) for d in incoming[2:2 + ndim])
                 received_dtype = _DTYPES[int(incoming[1])]
 
-        received = torch.empty(received_shape, dtype=received_dtype) if recv_from is not None else None
+        received = (torch.empty(received_shape, dtype=received_dtype, device=self.device)
+                    if recv_from is not None else None)
         ops = []
         if received is not None:
             ops.append(dist.irecv(received, src=recv_from, group=self.group))

@@ -66,6 +66,11 @@ def _pipeline_dtype(model: torch.nn.Module) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def get_tensor_shape(model: torch.nn.Module, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
     """Shape of the activation passed between stages: ``[s (/ tp with sequence parallel), b, h]``."""
     config = getattr(unwrap_model(model), "config", None)
@@ -243,7 +248,7 @@ def forward_backward_pipelining_without_interleaving(
         )
     shape = get_tensor_shape(model, seq_length, micro_batch_size)
     dtype = _pipeline_dtype(model)
-    comm = p2p.StageCommunicator(shape, dtype)
+    comm = p2p.StageCommunicator(shape, dtype, _device(model))
     last = parallel_state.is_pipeline_last_stage()
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
                      parallel_state.get_pipeline_model_parallel_world_size())
