@@ -72,6 +72,9 @@ def array_spec(root: Path, record: TensorRecord) -> dict[str, Any]:
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(root / record.path) + "/"},
+        # zarr skips chunks equal to the fill value by default; then an all-zero tensor (a fresh
+        # bias) would look exactly like a lost chunk file. Store everything.
+        "store_data_equal_to_fill_value": True,
         "metadata": {
             "shape": list(record.global_shape),
             "data_type": record.dtype,

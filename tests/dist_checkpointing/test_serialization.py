@@ -86,6 +86,20 @@ def test_inner_chunks_make_a_resharding_read_touch_only_what_it_needs(tmp_path):
         dc.load({"w": ShardedTensor.from_rank_offsets("w", torch.empty(512, 512), (0, 1, 4))}, tmp_path / "ckpt")
 
 
+def test_all_zero_tensors_are_stored_not_elided(tmp_path):
+    # zarr's default skips chunks equal to the fill value; a zero bias must still have its file
+    w = torch.zeros(2048, 512)
+    w[:512] = 1.0  # first inner chunk non-zero, the others zero
+    dc.save({"b": ShardedTensor.from_rank_offsets("b", torch.zeros(8)), "w": ShardedTensor.from_rank_offsets("w", w)},
+            tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "b" / "c" / "0").is_file()
+    from tests.dist_checkpointing.helpers import inner_chunk_byte_ranges
+    ranges = inner_chunk_byte_ranges(tmp_path / "ckpt" / "w" / "c" / "0" / "0", 4)
+    assert all(size == 512 * 512 * 4 + 4 for _, size in ranges)  # data + crc32c, nothing elided
+    out = dc.load_plain_tensors(tmp_path / "ckpt")
+    assert torch.equal(out["b"], torch.zeros(8)) and torch.equal(out["w"], w)
+
+
 def test_sharded_objects_round_trip_including_pickled_ones(tmp_path):
     rng = np.random.default_rng(0)
     state = {
