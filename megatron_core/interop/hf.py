@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 FAMILY_MODULES: dict[str, str] = {
     "gpt2": "megatron_core.interop.hf_gpt2:GPT2Family",
     "llama": "megatron_core.interop.hf_llama:LlamaFamily",
+    "bert": "megatron_core.interop.hf_bert:BertFamily",
 }
 
 #: Attribute under which ``from_hf`` keeps the source Hugging Face config on our model, so that
@@ -136,9 +137,9 @@ def from_hf(
     if type(hf_model).__name__ not in family.hf_model_classes:
         raise HFInteropError(
             f"from_hf converts {family.hf_model_classes} for model_type={family.model_type!r}, got "
-            f"{type(hf_model).__name__}. Fix: build the causal-LM class (it holds the output head)."
+            f"{type(hf_model).__name__}. Fix: build one of those classes (they hold the output heads)."
         )
-    blueprint = family.blueprint_from_hf(hf_config)
+    blueprint = family.blueprint_from_hf_model(hf_model)
     dtype = dtype_name(next(hf_model.parameters()).dtype, family.model_type)
     blueprint.config = _apply_overrides(blueprint.config, {"params_dtype": dtype, **(config_overrides or {})})
     state_dict = family.state_dict_from_hf(hf_model.state_dict(), blueprint)
@@ -208,6 +209,7 @@ def to_hf(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     hf_model = family.build_hf_model(hf_config, **kwargs)
+    family.prepare_hf_model(hf_model, blueprint)
     state_dict = family.state_dict_to_hf(model.state_dict(), blueprint)
     _load(hf_model, state_dict, f"to_hf({family.model_type})")
     hf_model.train(model.training)

@@ -72,6 +72,14 @@ class HFFamily(ABC):
     def unsupported_reason(self, blueprint: Blueprint) -> str | None:
         """Why ``blueprint`` cannot become this family's Hugging Face model, or None when it can."""
 
+    def blueprint_from_hf_model(self, hf_model: Any) -> Blueprint:
+        """Blueprint of a built Hugging Face model: by default, of its config.
+
+        Families override it where the config does not say everything about the weights (e.g.
+        whether the output head is tied: in transformers 5 T5's config always says tied).
+        """
+        return self.blueprint_from_hf(hf_model.config)
+
     # ---- models
     @abstractmethod
     def build_model(self, blueprint: Blueprint, spec: Any | None = None) -> torch.nn.Module:
@@ -87,6 +95,14 @@ class HFFamily(ABC):
 
         ``kwargs`` go to ``PreTrainedModel._from_config`` (``dtype``, ``attn_implementation``).
         """
+
+    def prepare_hf_model(self, hf_model: Any, blueprint: Blueprint) -> None:
+        """Adjust a freshly built Hugging Face model to ``blueprint`` before its weights load.
+
+        The default does nothing; a family overrides it for structure its config cannot express
+        (e.g. untying T5's head, which transformers 5 always ties).
+        """
+        del hf_model, blueprint
 
     # ---- state dicts
     @abstractmethod

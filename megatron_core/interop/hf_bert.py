@@ -1,0 +1,251 @@
+"""BERT (Hugging Face ``BertForPreTraining``) <-> our ``BertModel`` with the local BERT spec.
+
+Mapping: post-norm LayerNorm layers (``layernorm_position="post"``) with the embedding norm,
+biases everywhere, learned absolute positions, token types (``type_vocab_size`` ->
+``num_tokentypes``), separate ``query``/``key``/``value`` -> our per-head fused ``linear_qkv``, the
+MLM transform (``cls.predictions.transform`` -> ``lm_head``), the MLM decoder bias
+(``cls.predictions.bias`` -> ``output_layer.bias``), the pooler and the NSP head
+(``cls.seq_relationship`` -> ``binary_head``).
+
+Untied decoders (``tie_word_embeddings=False``): Hugging Face then keeps ``cls.predictions.bias``
+as a separate parameter that its forward never reads (the decoder's own bias is used); ``to_hf``
+writes the decoder bias into it.
+
+Hugging Face's ``pad_token_id`` only zeroes that row's gradient (``padding_idx``); our embedding
+trains every row, which changes training, not the converted model's outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from megatron_core.config import TransformerConfig
+from megatron_core.interop.gpt_family import HF_ACTIVATIONS, hf_activation_to_ours, ours_activation_to_hf
+from megatron_core.interop.layouts import fuse_qkv, split_qkv
+from megatron_core.interop.registry import (
+    Blueprint,
+    HFFamily,
+    HFInteropError,
+    KeyTaker,
+    StateDict,
+    UnsupportedHFConfigError,
+)
+
+# (HF suffix under bert.encoder.layer.N., our suffix under encoder.layers.N.), weight and bias each.
+_LAYER_PAIRS = (
+    ("attention.output.dense", "self_attention.linear_proj"),
+    ("attention.output.LayerNorm", "input_layernorm"),
+    ("intermediate.dense", "mlp.linear_fc1"),
+    ("output.dense", "mlp.linear_fc2"),
+    ("output.LayerNorm", "pre_mlp_layernorm"),
+)
+# (HF key, our key) outside the layers, weight and bias each.
+_HEAD_PAIRS = (
+    ("bert.embeddings.LayerNorm", "embedding.layernorm"),
+    ("bert.pooler.dense", "pooler.dense"),
+    ("cls.predictions.transform.dense", "lm_head.dense"),
+    ("cls.predictions.transform.LayerNorm", "lm_head.layer_norm"),
+    ("cls.seq_relationship", "binary_head"),
+)
+_EMBEDDINGS = (
+    ("bert.embeddings.word_embeddings.weight", "embedding.word_embeddings.weight"),
+    ("bert.embeddings.position_embeddings.weight", "embedding.position_embeddings.weight"),
+    ("bert.embeddings.token_type_embeddings.weight", "embedding.tokentype_embeddings.weight"),
+)
+
+
+class BertFamily(HFFamily):
+    """Converter for ``model_type="bert"`` (``BertForPreTraining``: MLM and NSP heads)."""
+
+    model_type = "bert"
+    hf_model_classes = ("BertForPreTraining",)
+
+    # ------------------------------------------------------------------ configs
+    def blueprint_from_hf(self, hf_config: Any) -> Blueprint:
+        """BertConfig -> blueprint; refuses decoder/cross-attention BERTs and relative positions."""
+        c = hf_config
+        for name in ("is_decoder", "add_cross_attention"):
+            if getattr(c, name, False):
+                raise UnsupportedHFConfigError(
+                    "bert", name, True, "our BertModel is a bidirectional encoder without cross-attention",
+                    f"convert a BERT with {name}=False",
+                )
+        position_type = getattr(c, "position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise UnsupportedHFConfigError(
+                "bert", "position_embedding_type", position_type, "only learned absolute positions are implemented",
+                "use position_embedding_type='absolute'",
+            )
+        config = TransformerConfig(
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            num_attention_heads=c.num_attention_heads,
+            ffn_hidden_size=c.intermediate_size,
+            hidden_dropout=c.hidden_dropout_prob,
+            attention_dropout=c.attention_probs_dropout_prob,
+            layernorm_epsilon=c.layer_norm_eps,
+            normalization="LayerNorm",
+            layernorm_position="post",
+            add_bias_linear=True,
+            activation_func=hf_activation_to_ours("bert", "hidden_act", c.hidden_act),
+            init_method_std=c.initializer_range,
+            use_scaled_init_method=False,
+        )
+        return Blueprint("bert", config, {
+            "vocab_size": c.vocab_size,
+            "max_sequence_length": c.max_position_embeddings,
+            "num_tokentypes": c.type_vocab_size,
+            "add_binary_head": True,
+            "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
+        })
+
+    def blueprint_from_hf_model(self, hf_model: Any) -> Blueprint:
+        """The config's blueprint, tied or not as the model's MLM decoder really is."""
+        blueprint = self.blueprint_from_hf(hf_model.config)
+        decoder = hf_model.cls.predictions.decoder.weight
+        blueprint.model_kwargs["share_embeddings_and_output_weights"] = (
+            decoder is hf_model.bert.embeddings.word_embeddings.weight
+        )
+        return blueprint
+
+    def unsupported_reason(self, blueprint: Blueprint) -> str | None:
+        cfg, kw = blueprint.config, blueprint.model_kwargs
+        assert cfg.kv_channels is not None
+        checks = [
+            (cfg.layernorm_position == "post", "layernorm_position='pre' (Hugging Face BERT is post-norm)"),
+            (cfg.normalization == "LayerNorm", f"normalization={cfg.normalization!r} (BERT has LayerNorm)"),
+            (not cfg.gated_linear_unit, f"gated MLP activation_func={cfg.activation_func!r}"),
+            (cfg.activation_func in set(HF_ACTIVATIONS.values()), f"activation_func={cfg.activation_func!r}"),
+            (cfg.add_bias_linear, "add_bias_linear=False (BERT has biases on every linear)"),
+            (cfg.num_query_groups == cfg.num_attention_heads, "grouped-query attention (BERT is MHA)"),
+            (cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size,
+             f"kv_channels={cfg.kv_channels} * heads != hidden_size={cfg.hidden_size}"),
+            (cfg.softmax_scale is None, f"softmax_scale={cfg.softmax_scale} (BERT: 1/sqrt(head_dim))"),
+            (not cfg.qk_layernorm and not cfg.layernorm_zero_centered_gamma, "qk_layernorm / zero-centred gamma"),
+            (kw["add_binary_head"], "add_binary_head=False (BertForPreTraining has the NSP head)"),
+            (kw["num_tokentypes"] > 0, "num_tokentypes=0 (BERT has token-type embeddings)"),
+        ]
+        failed = [why for ok, why in checks if not ok]
+        return None if not failed else "BERT cannot represent: " + "; ".join(failed)
+
+    def hf_config_from(self, blueprint: Blueprint, template: Any | None = None) -> Any:
+        from transformers import BertConfig
+
+        cfg, kw = blueprint.config, blueprint.model_kwargs
+        base = template.to_dict() if template is not None else {}
+        base.update(
+            vocab_size=kw["vocab_size"],
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            intermediate_size=cfg.ffn_hidden_size,
+            hidden_act=ours_activation_to_hf(cfg.activation_func, base.get("hidden_act"), "gelu"),
+            hidden_dropout_prob=cfg.hidden_dropout,
+            attention_probs_dropout_prob=cfg.attention_dropout,
+            max_position_embeddings=kw["max_sequence_length"],
+            type_vocab_size=kw["num_tokentypes"],
+            initializer_range=cfg.init_method_std,
+            layer_norm_eps=cfg.layernorm_epsilon,
+            is_decoder=False,
+            add_cross_attention=False,
+            tie_word_embeddings=kw["share_embeddings_and_output_weights"],
+        )
+        if template is None and base.get("pad_token_id", 0) is not None and base.get("pad_token_id", 0) >= kw["vocab_size"]:
+            base["pad_token_id"] = None
+        return BertConfig.from_dict(base)
+
+    # ------------------------------------------------------------------ models
+    def build_model(self, blueprint: Blueprint, spec: Any | None = None) -> torch.nn.Module:
+        """A ``BertModel`` (TP=1) for ``blueprint``, from ``spec`` or the local BERT spec."""
+        from megatron_core.models.bert import BertModel
+        from specs.bert import get_bert_layer_local_spec
+
+        return BertModel(blueprint.config, spec if spec is not None else get_bert_layer_local_spec(),
+                         **blueprint.model_kwargs)
+
+    def blueprint_of(self, model: torch.nn.Module) -> Blueprint:
+        from megatron_core.models.bert import BertModel
+
+        if not isinstance(model, BertModel):
+            raise HFInteropError(f"bert: expected a megatron_core BertModel, got {type(model).__name__}")
+        return Blueprint("bert", model.config, {
+            "vocab_size": model.vocab_size,
+            "max_sequence_length": model.max_sequence_length,
+            "num_tokentypes": model.num_tokentypes,
+            "add_binary_head": model.add_binary_head,
+            "share_embeddings_and_output_weights": model.share_embeddings_and_output_weights,
+        })
+
+    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
+        from transformers import BertForPreTraining
+
+        return BertForPreTraining._from_config(hf_config, **kwargs)
+
+    # ------------------------------------------------------------------ state dicts
+    @staticmethod
+    def _dims(cfg: TransformerConfig) -> dict[str, int]:
+        assert cfg.kv_channels is not None
+        heads = cfg.num_attention_heads
+        return {"num_heads": heads, "num_groups": heads, "head_dim": cfg.kv_channels}
+
+    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
+        take = KeyTaker(hf_state_dict, "bert state dict", ignore=("position_ids", "token_type_ids"))
+        out: StateDict = {ours: take(hf) for hf, ours in _EMBEDDINGS}
+        for hf, ours in _HEAD_PAIRS:
+            for suffix in (".weight", ".bias"):
+                out[ours + suffix] = take(hf + suffix)
+        for i in range(cfg.num_layers):
+            hf, ours = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
+            attn = hf + "attention.self."
+            for suffix in ("weight", "bias"):
+                out[ours + f"self_attention.linear_qkv.{suffix}"] = fuse_qkv(
+                    take(attn + f"query.{suffix}"), take(attn + f"key.{suffix}"), take(attn + f"value.{suffix}"),
+                    **self._dims(cfg),
+                )
+                for hf_name, our_name in _LAYER_PAIRS:
+                    out[ours + f"{our_name}.{suffix}"] = take(hf + f"{hf_name}.{suffix}")
+        decoder_weight = take("cls.predictions.decoder.weight")
+        decoder_bias = take("cls.predictions.decoder.bias")
+        head_bias = take("cls.predictions.bias")
+        if tied:
+            if not torch.equal(decoder_weight, out["embedding.word_embeddings.weight"]):
+                raise HFInteropError(
+                    "bert: the config ties the MLM decoder to the word embeddings but their weights differ. "
+                    "Fix: convert the model object (from_hf reads the tie from it) or set tie_word_embeddings=False"
+                )
+            # Both biases are one parameter when tied; the decoder weight is the word table.
+            out["output_layer.bias"] = head_bias
+        else:
+            out["output_layer.weight"] = decoder_weight
+            out["output_layer.bias"] = decoder_bias  # the one Hugging Face's forward adds
+        take.finish()
+        return out
+
+    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
+        take = KeyTaker(state_dict, "our BERT state dict", ignore=("_extra_state",))
+        out: StateDict = {hf: take(ours) for hf, ours in _EMBEDDINGS}
+        for hf, ours in _HEAD_PAIRS:
+            for suffix in (".weight", ".bias"):
+                out[hf + suffix] = take(ours + suffix)
+        for i in range(cfg.num_layers):
+            hf, ours = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
+            attn = hf + "attention.self."
+            for suffix in ("weight", "bias"):
+                q, k, v = split_qkv(take(ours + f"self_attention.linear_qkv.{suffix}"), **self._dims(cfg))
+                out.update({attn + f"query.{suffix}": q, attn + f"key.{suffix}": k, attn + f"value.{suffix}": v})
+                for hf_name, our_name in _LAYER_PAIRS:
+                    out[hf + f"{hf_name}.{suffix}"] = take(ours + f"{our_name}.{suffix}")
+        bias = take("output_layer.bias")
+        out["cls.predictions.bias"] = bias
+        out["cls.predictions.decoder.bias"] = bias
+        if tied:
+            out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
+        else:
+            out["cls.predictions.decoder.weight"] = take("output_layer.weight")
+        take.finish()
+        return out

@@ -1,0 +1,126 @@
+"""T5's bucketed relative position bias: one learned scalar per (distance bucket, head), added to the scores.
+
+The bias depends only on ``key_position - query_position``. Small distances get a bucket each;
+larger ones share logarithmically wider buckets up to ``max_distance``, beyond which all distances
+fall into the last bucket. A bidirectional bias (the encoder) spends half of the buckets on keys
+after the query; a causal one (the decoder) only sees keys at or before the query.
+
+One ``RelativePositionEmbedding`` serves a whole stack: the model computes the bias once per forward
+and hands it to every layer as ``attention_bias`` ``[1, np/tp, sq, sk]``, which the attention core
+adds to the (unscaled, in T5) scores. Hugging Face T5 keeps the table in the first layer of each
+stack only; the values are the same.
+
+Tensor parallelism: each rank attends with its own heads, so the table ``[num_buckets, heads]`` is
+split over TP along the heads (axis 1); the gradient of a rank's columns is then complete on that
+rank, and checkpoints store the one global table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.tensor_parallel import set_tensor_model_parallel_attributes
+from megatron_core.transformer.module import MegatronModule, make_sharded_tensors_for_checkpoint
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
+    """Bucket index of each ``key - query`` distance, as T5 (mesh-tensorflow) defines it.
+
+    Args:
+        relative_position: integer distances ``key_pos - query_pos``, any shape.
+        bidirectional: keys after the query get their own half of the buckets (encoder); else
+            positive distances (the future) share bucket 0 with distance 0 (decoder).
+        num_buckets: number of buckets (the table's rows).
+        max_distance: distances at or beyond this share the last bucket.
+
+    Returns:
+        Long tensor of the same shape with values in ``[0, num_buckets)``.
+    """
+    buckets = torch.zeros_like(relative_position, dtype=torch.long)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).to(torch.long) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # Same float32 operations, in the same order, as the reference, so boundary distances land in
+    # the same bucket; clamping at 1 only avoids log(0) in entries that is_small selects anyway.
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    if_large = max_exact + (log_ratio * (num_buckets - max_exact)).to(torch.long)
+    if_large = torch.clamp(if_large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, if_large)
+
+
+class RelativePositionEmbedding(MegatronModule):
+    """A stack's relative position bias table (Megatron-Core's name; T5's ``relative_attention_bias``).
+
+    Args:
+        config: the TransformerConfig (heads, init, dtype).
+        bidirectional: True for an encoder, False for a causal decoder.
+        num_buckets: T5's ``relative_attention_num_buckets``.
+        max_distance: T5's ``relative_attention_max_distance``.
+        tp_group: tensor-parallel group; defaults to parallel_state's.
+    """
+
+    def __init__(
+        self, config: Any, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128,
+        tp_group: Any = None,
+    ) -> None:
+        super().__init__(config)
+        if num_buckets < 4 or max_distance <= num_buckets // (4 if bidirectional else 2):
+            raise ValueError(
+                f"relative position bias: num_buckets={num_buckets}, max_distance={max_distance} leave no "
+                "logarithmic buckets; use num_buckets >= 4 and max_distance larger than the exact range "
+                "(T5: 32 and 128)"
+            )
+        self.bidirectional = bidirectional
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.tp_group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+        tp = parallel_state.group_world_size(self.tp_group)
+        rank = parallel_state.group_rank(self.tp_group)
+        heads = config.num_attention_heads
+        self.heads_per_partition = heads // tp
+        # The full table is drawn on every rank from the same RNG (TP-invariant init); keep our heads.
+        full = torch.empty(num_buckets, heads, dtype=torch.float32)
+        if config.perform_initialization:
+            config.init_method(full)
+        mine = full[:, rank * self.heads_per_partition:(rank + 1) * self.heads_per_partition]
+        self.relative_attention_bias = torch.nn.Embedding(
+            num_buckets, self.heads_per_partition, _weight=mine.to(config.torch_dtype).contiguous()
+        )
+        set_tensor_model_parallel_attributes(self.relative_attention_bias.weight, True, 1, 1)
+
+    def forward(self, query_length: int, key_length: int, offset: int = 0) -> torch.Tensor:
+        """Bias ``[1, np/tp, sq, sk]`` for queries at ``offset .. offset + sq - 1`` over keys ``0 .. sk - 1``."""
+        device = self.relative_attention_bias.weight.device
+        query_pos = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + offset
+        key_pos = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+        buckets = relative_position_bucket(
+            key_pos - query_pos, self.bidirectional, self.num_buckets, self.max_distance
+        )  # [sq, sk]
+        values = self.relative_attention_bias(buckets)  # [sq, sk, np/tp]
+        return values.permute(2, 0, 1).unsqueeze(0)  # -> [1, np/tp, sq, sk]
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> ShardedStateDict:
+        """The table split along axis 1 (heads)."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"relative_attention_bias.weight": 1}, sharded_offsets
+        )
+
+    def extra_repr(self) -> str:
+        return (f"bidirectional={self.bidirectional}, num_buckets={self.num_buckets}, "
+                f"max_distance={self.max_distance}, heads_per_partition={self.heads_per_partition}")
