@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
@@ -93,7 +93,7 @@ class Attention(MegatronModule):
         )
         # cast: slot annotations name builder Protocols for check_spec; build_module takes any spec.
         self.linear_proj = build_module(
-            cast(Any, submodules.linear_proj), self.query_projection_size, config.hidden_size,
+            submodules.linear_proj, self.query_projection_size, config.hidden_size,
             config=config, init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj",
             tp_group=self.tp_group,
@@ -174,7 +174,7 @@ class SelfAttention(Attention):
     ) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type, "self", cp_comm_type, tp_group)
         self.linear_qkv = build_module(
-            cast(Any, submodules.linear_qkv), config.hidden_size, self.query_projection_size + 2 * self.kv_projection_size,
+            submodules.linear_qkv, config.hidden_size, self.query_projection_size + 2 * self.kv_projection_size,
             config=config, init_method=config.init_method, gather_output=False,
             bias=config.add_bias_linear or config.add_qkv_bias, skip_bias_add=False, is_expert=False,
             tp_comm_buffer_name="qkv", tp_group=self.tp_group,
@@ -248,9 +248,9 @@ class CrossAttention(Attention):
         bias = config.add_bias_linear
         common = dict(config=config, init_method=config.init_method, gather_output=False, bias=bias,
                       skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
-        self.linear_q = build_module(cast(Any, submodules.linear_q), config.hidden_size, self.query_projection_size,
+        self.linear_q = build_module(submodules.linear_q, config.hidden_size, self.query_projection_size,
                                      tp_comm_buffer_name="q", **common)
-        self.linear_kv = build_module(cast(Any, submodules.linear_kv), config.hidden_size, 2 * self.kv_projection_size,
+        self.linear_kv = build_module(submodules.linear_kv, config.hidden_size, 2 * self.kv_projection_size,
                                       tp_comm_buffer_name="kv", **common)
 
     def get_query_key_value_tensors(

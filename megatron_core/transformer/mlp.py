@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
@@ -135,7 +135,7 @@ class MLP(MegatronModule):
         fc1_size = 2 * self.ffn_hidden_size if self.gated else self.ffn_hidden_size
         # cast: slot annotations name builder Protocols for check_spec; build_module takes any spec.
         self.linear_fc1 = build_module(
-            cast(Any, submodules.linear_fc1), self.input_size, fc1_size,
+            submodules.linear_fc1, self.input_size, fc1_size,
             config=config, init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
             skip_bias_add=True, is_expert=is_expert, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
             # [gate; up]: stride 2 hands each rank a slice of both halves.
@@ -144,9 +144,9 @@ class MLP(MegatronModule):
         self.activation_module: torch.nn.Module | None = None
         self.activation_func: Callable[[torch.Tensor], torch.Tensor] = config.activation
         if submodules.activation_func is not None:
-            self.activation_module = build_module(cast(Any, submodules.activation_func), config=config)
+            self.activation_module = build_module(submodules.activation_func, config=config)
         self.linear_fc2 = build_module(
-            cast(Any, submodules.linear_fc2), self.ffn_hidden_size, config.hidden_size,
+            submodules.linear_fc2, self.ffn_hidden_size, config.hidden_size,
             config=config, init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, is_expert=is_expert, tp_comm_buffer_name="fc2",
             tp_group=self.tp_group,

@@ -71,7 +71,7 @@ def resolve_module(module: Any) -> Any:
     return import_by_path(module) if isinstance(module, str) else module
 
 
-def build_module(spec_or_module: ModuleSpec | type | types.FunctionType | str, *args: Any, **kwargs: Any) -> Any:
+def build_module(spec_or_module: Any, *args: Any, **kwargs: Any) -> Any:
     """Build a module from a spec, a class, a function or an import path.
 
     Functions are returned as they are (a spec slot may hold an activation function); classes
