@@ -160,7 +160,8 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
                        path, common.get("world_size"), world)
     if restore_rng:
         sharded[RNG_KEY] = _rng_object(None)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    # model-only loads leave optimizer state and RNG in the checkpoint: unexpected keys are fine
+    loaded = dist_checkpointing.load(sharded, str(path), strict="raise_missing")
     _copy_into_model(model, model_sd, loaded)
     if optimizer is not None:
         load_optimizer_state(optimizer, model, model_sd, loaded, common["optimizer"])
