@@ -53,6 +53,7 @@ class GPTModel(LanguageModule):
         rotary_percent: fraction of each head's channels that RoPE rotates.
         rotary_base: RoPE's frequency base.
         seq_len_interpolation_factor: linear RoPE position interpolation factor.
+        output_layer_bias: give the (untied or tied) output layer a vocab-parallel bias (GPT-J's head).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class GPTModel(LanguageModule):
         rotary_percent: float = 1.0,
         rotary_base: float = 10000,
         seq_len_interpolation_factor: float | None = None,
+        output_layer_bias: bool = False,
     ) -> None:
         super().__init__(config)
         check_decoder_spec(transformer_layer_spec)
@@ -87,6 +89,7 @@ class GPTModel(LanguageModule):
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.position_embedding_type = position_embedding_type
         self.rotary_percent = rotary_percent
+        self.output_layer_bias = output_layer_bias
         self.rotary_base = rotary_base
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
 
@@ -103,7 +106,7 @@ class GPTModel(LanguageModule):
                                         post_process=post_process)
         if post_process:
             self.output_layer = ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=output_layer_bias,
                 skip_bias_add=False, gather_output=not parallel_output,
                 # Tied on the same stage: the weight is the embedding table, passed at call time.
                 skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
