@@ -19,7 +19,16 @@ from megatron_core.distributed import unwrap_model, wrap_data_parallel
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
-from tests.distributed.gpt_harness import LR, build_gpt, full_weights, load_full, make_config, make_steps, setup, train_steps
+from tests.distributed.gpt_harness import (
+    LR,
+    build_gpt,
+    full_weights,
+    load_full,
+    make_config,
+    make_steps,
+    setup,
+    train_steps,
+)
 
 FULL = full_weights(seed=0)
 OTHER = full_weights(seed=7)  # what resumed runs are built with: the load must replace all of it
@@ -109,8 +118,8 @@ def _zero_resume(tp: int, pp: int, path: str, zero: bool) -> list[float]:
     return train_steps(model, optimizer, STEPS[SAVED_AT:], 2)[0]
 
 
-def test_zero1_splits_state_and_reshards(tmp_path):
-    reference = run_distributed(_save_then_continue, 4, str(tmp_path / "plain"), tmp_dir=tmp_path)[0]
+def test_zero1_splits_state_and_reshards(saved, tmp_path):
+    reference = saved[1]  # the uninterrupted plain-AdamW run at (2, 2, 1)
     path = str(tmp_path / "zero")
     saved = run_distributed(_zero_save_then_continue, 4, path, tmp_dir=tmp_path)
     # Same training as plain AdamW (TP2xPP2 there, PP2xDP2 + ZeRO here).
