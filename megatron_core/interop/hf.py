@@ -41,6 +41,8 @@ FAMILY_MODULES: dict[str, str] = {
     "gpt2": "megatron_core.interop.hf_gpt2:GPT2Family",
     "llama": "megatron_core.interop.hf_llama:LlamaFamily",
     "bert": "megatron_core.interop.hf_bert:BertFamily",
+    "t5": "megatron_core.interop.hf_t5:T5Family",
+    "gptj": "megatron_core.interop.hf_gptj:GPTJFamily",
 }
 
 #: Attribute under which ``from_hf`` keeps the source Hugging Face config on our model, so that

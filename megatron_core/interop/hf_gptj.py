@@ -1,0 +1,224 @@
+"""GPT-J (Hugging Face ``GPTJForCausalLM``) <-> our ``GPTModel`` with the GPT-J spec (``specs.gptj``).
+
+Mapping: one ``ln_1`` feeding attention and MLP in parallel (``ParallelAttentionMLPLayer``),
+bias-free ``q_proj``/``k_proj``/``v_proj``/``out_proj`` (fused into our per-head ``linear_qkv``),
+biased ``fc_in``/``fc_out``, ``gelu_new`` = our ``gelu_tanh``, rotary on the first ``rotary_dim``
+channels of each head with GPT-J's ``rotate_every_two`` = our interleaved rotary
+(``rotary_percent = rotary_dim / head_dim``, base 10000), and a head with a bias
+(``output_layer_bias``), untied unless the model ties ``lm_head`` to ``wte``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from megatron_core.config import TransformerConfig
+from megatron_core.interop.gpt_family import GPTModelFamily, hf_activation_to_ours, ours_activation_to_hf
+from megatron_core.interop.layouts import fuse_qkv, split_qkv
+from megatron_core.interop.registry import (
+    Blueprint,
+    HFInteropError,
+    KeyTaker,
+    StateDict,
+    UnsupportedHFConfigError,
+)
+
+_IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias", "embed_positions")
+_GPTJ_ROTARY_BASE = 10000.0
+_GPT2_DEFAULT_TOKEN_ID = 50256  # GPTJConfig's default bos/eos ids (GPT-2's <|endoftext|>)
+
+
+def _rotary_percent(rotary_dim: int | None, head_dim: int) -> float:
+    """``rotary_dim / head_dim``, checked to give back exactly ``rotary_dim`` channels in RotaryEmbedding."""
+    if rotary_dim is None:
+        raise UnsupportedHFConfigError(
+            "gptj", "rotary_dim", None, "Hugging Face then builds angles for hidden_size channels, which only "
+            "fits one attention head", "set rotary_dim (GPT-J 6B: 64)",
+        )
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise UnsupportedHFConfigError(
+            "gptj", "rotary_dim", rotary_dim, f"must be even and in (0, head_dim={head_dim}]", "use an even rotary_dim",
+        )
+    percent = rotary_dim / head_dim
+    if int(head_dim * percent) != rotary_dim:
+        raise UnsupportedHFConfigError(
+            "gptj", "rotary_dim", rotary_dim, f"{rotary_dim}/{head_dim} does not round-trip through a float percent",
+            "use a rotary_dim that is a power-of-two fraction of head_dim",
+        )
+    return percent
+
+
+class GPTJFamily(GPTModelFamily):
+    """Converter for ``model_type="gptj"``."""
+
+    model_type = "gptj"
+    hf_model_classes = ("GPTJForCausalLM",)
+    spec_factory = "specs.gptj:get_gptj_layer_local_spec"
+
+    # ------------------------------------------------------------------ configs
+    def blueprint_from_hf(self, hf_config: Any) -> Blueprint:
+        c = hf_config
+        if c.n_embd % c.n_head:
+            raise UnsupportedHFConfigError("gptj", "n_embd", c.n_embd, f"not divisible by n_head={c.n_head}",
+                                           "use n_embd divisible by n_head")
+        head_dim = c.n_embd // c.n_head
+        config = TransformerConfig(
+            num_layers=c.n_layer,
+            hidden_size=c.n_embd,
+            num_attention_heads=c.n_head,
+            ffn_hidden_size=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
+            hidden_dropout=c.resid_pdrop,
+            attention_dropout=c.attn_pdrop,
+            layernorm_epsilon=c.layer_norm_epsilon,
+            normalization="LayerNorm",
+            add_bias_linear=True,
+            activation_func=hf_activation_to_ours("gptj", "activation_function", c.activation_function),
+            rotary_interleaved=True,
+            init_method_std=c.initializer_range,
+            use_scaled_init_method=False,
+        )
+        return Blueprint("gptj", config, {
+            "vocab_size": c.vocab_size,
+            "max_sequence_length": c.n_positions,
+            "position_embedding_type": "rope",
+            "share_embeddings_and_output_weights": bool(c.tie_word_embeddings),
+            "rotary_percent": _rotary_percent(c.rotary_dim, head_dim),
+            "rotary_base": _GPTJ_ROTARY_BASE,
+            "output_layer_bias": True,
+        })
+
+    def blueprint_from_hf_model(self, hf_model: Any) -> Blueprint:
+        """The config's blueprint, tied or not as the model's head really is."""
+        blueprint = self.blueprint_from_hf(hf_model.config)
+        tied = hf_model.lm_head.weight is hf_model.transformer.wte.weight
+        blueprint.model_kwargs["share_embeddings_and_output_weights"] = tied
+        return blueprint
+
+    def blueprint_of(self, model: torch.nn.Module) -> Blueprint:
+        """GPTModel's blueprint, checked to be built from parallel attention + MLP layers with one norm."""
+        from megatron_core.transformer.parallel_attention_mlp_layer import ParallelAttentionMLPLayer
+
+        blueprint = super().blueprint_of(model)
+        layers = list(model.decoder.layers)  # type: ignore[union-attr, arg-type]
+        if not all(isinstance(layer, ParallelAttentionMLPLayer) and layer.shared_norm for layer in layers):
+            raise HFInteropError(
+                "gptj: the model's layers are not ParallelAttentionMLPLayer with one shared norm; GPT-J needs "
+                "the parallel layer of specs.gptj.get_gptj_layer_local_spec()"
+            )
+        blueprint.model_kwargs["output_layer_bias"] = bool(getattr(model, "output_layer_bias", False))
+        return blueprint
+
+    def unsupported_reason(self, blueprint: Blueprint) -> str | None:
+        cfg, kw = blueprint.config, blueprint.model_kwargs
+        assert cfg.kv_channels is not None
+        checks = [
+            (kw["position_embedding_type"] == "rope", f"position_embedding_type={kw['position_embedding_type']!r}"),
+            (cfg.rotary_interleaved, "rotary_interleaved=False (GPT-J rotates pairs (2i, 2i+1))"),
+            (math.isclose(kw.get("rotary_base", 0.0), _GPTJ_ROTARY_BASE), f"rotary_base={kw.get('rotary_base')} (GPT-J: 10000)"),
+            (kw.get("seq_len_interpolation_factor") is None, "seq_len_interpolation_factor"),
+            (kw.get("output_layer_bias", False), "output_layer_bias=False (GPT-J's head has a bias)"),
+            (cfg.normalization == "LayerNorm", f"normalization={cfg.normalization!r} (GPT-J has LayerNorm)"),
+            (cfg.add_bias_linear and not cfg.gated_linear_unit, "MLP without biases or gated"),
+            (cfg.num_query_groups == cfg.num_attention_heads, "grouped-query attention (GPT-J is MHA)"),
+            (cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size, "kv_channels * heads != hidden_size"),
+            (cfg.softmax_scale is None or math.isclose(cfg.softmax_scale, cfg.kv_channels ** -0.5),
+             f"softmax_scale={cfg.softmax_scale} (GPT-J: 1/sqrt(head_dim))"),
+            (not cfg.qk_layernorm and not cfg.layernorm_zero_centered_gamma, "qk_layernorm / zero-centred gamma"),
+        ]
+        failed = [why for ok, why in checks if not ok]
+        return None if not failed else "GPT-J cannot represent: " + "; ".join(failed)
+
+    def hf_config_from(self, blueprint: Blueprint, template: Any | None = None) -> Any:
+        from transformers import GPTJConfig
+
+        cfg, kw = blueprint.config, blueprint.model_kwargs
+        assert cfg.kv_channels is not None
+        base = template.to_dict() if template is not None else {}
+        base.update(
+            vocab_size=kw["vocab_size"],
+            n_positions=kw["max_sequence_length"],
+            n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers,
+            n_head=cfg.num_attention_heads,
+            rotary_dim=int(cfg.kv_channels * kw["rotary_percent"]),
+            n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size and base.get("n_inner") is None
+            else cfg.ffn_hidden_size,
+            activation_function=ours_activation_to_hf(cfg.activation_func, base.get("activation_function"), "gelu_new"),
+            resid_pdrop=cfg.hidden_dropout,
+            embd_pdrop=base.get("embd_pdrop", cfg.hidden_dropout),
+            attn_pdrop=cfg.attention_dropout,
+            layer_norm_epsilon=cfg.layernorm_epsilon,
+            initializer_range=cfg.init_method_std,
+            tie_word_embeddings=kw["share_embeddings_and_output_weights"],
+        )
+        if template is None:
+            for name in ("bos_token_id", "eos_token_id"):
+                if base.get(name, _GPT2_DEFAULT_TOKEN_ID) >= kw["vocab_size"]:
+                    base[name] = None
+        return GPTJConfig.from_dict(base)
+
+    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
+        from transformers import GPTJForCausalLM
+
+        return GPTJForCausalLM._from_config(hf_config, **kwargs)
+
+    # ------------------------------------------------------------------ state dicts
+    @staticmethod
+    def _dims(cfg: TransformerConfig) -> dict[str, int]:
+        assert cfg.kv_channels is not None
+        return {"num_heads": cfg.num_attention_heads, "num_groups": cfg.num_attention_heads, "head_dim": cfg.kv_channels}
+
+    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        cfg = blueprint.config
+        take = KeyTaker(hf_state_dict, "gptj state dict", ignore=_IGNORED_BUFFERS)
+        out: StateDict = {"embedding.word_embeddings.weight": take("transformer.wte.weight")}
+        for i in range(cfg.num_layers):
+            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
+            attn = hf + "attn."
+            out[ours + "self_attention.linear_qkv.weight"] = fuse_qkv(
+                take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight"), **self._dims(cfg)
+            )
+            out[ours + "self_attention.linear_proj.weight"] = take(attn + "out_proj.weight")
+            for suffix in ("weight", "bias"):
+                out[ours + f"input_layernorm.{suffix}"] = take(hf + f"ln_1.{suffix}")
+                out[ours + f"mlp.linear_fc1.{suffix}"] = take(hf + f"mlp.fc_in.{suffix}")
+                out[ours + f"mlp.linear_fc2.{suffix}"] = take(hf + f"mlp.fc_out.{suffix}")
+        for suffix in ("weight", "bias"):
+            out[f"decoder.final_layernorm.{suffix}"] = take(f"transformer.ln_f.{suffix}")
+        head = take("lm_head.weight")
+        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
+            if not torch.equal(head, out["embedding.word_embeddings.weight"]):
+                raise HFInteropError("gptj: the blueprint ties lm_head to wte but their weights differ")
+        else:
+            out["output_layer.weight"] = head
+        out["output_layer.bias"] = take("lm_head.bias")
+        take.finish()
+        return out
+
+    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+        cfg = blueprint.config
+        take = KeyTaker(state_dict, "our GPT-J state dict", ignore=("_extra_state",))
+        out: StateDict = {"transformer.wte.weight": take("embedding.word_embeddings.weight")}
+        for i in range(cfg.num_layers):
+            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
+            attn = hf + "attn."
+            q, k, v = split_qkv(take(ours + "self_attention.linear_qkv.weight"), **self._dims(cfg))
+            out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
+            out[attn + "out_proj.weight"] = take(ours + "self_attention.linear_proj.weight")
+            for suffix in ("weight", "bias"):
+                out[hf + f"ln_1.{suffix}"] = take(ours + f"input_layernorm.{suffix}")
+                out[hf + f"mlp.fc_in.{suffix}"] = take(ours + f"mlp.linear_fc1.{suffix}")
+                out[hf + f"mlp.fc_out.{suffix}"] = take(ours + f"mlp.linear_fc2.{suffix}")
+        for suffix in ("weight", "bias"):
+            out[f"transformer.ln_f.{suffix}"] = take(f"decoder.final_layernorm.{suffix}")
+        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
+        else:
+            out["lm_head.weight"] = take("output_layer.weight")
+        out["lm_head.bias"] = take("output_layer.bias")
+        take.finish()
+        return out
