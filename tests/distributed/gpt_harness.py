@@ -141,6 +141,17 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps:
     return losses, first_grads
 
 
+def evaluate(model: torch.nn.Module, step: dict[str, torch.Tensor], num_microbatches: int) -> float:
+    """Forward-only mean loss of one global batch (every rank gets it)."""
+    batches = micro_batches(step, num_microbatches)
+    with torch.no_grad():
+        dicts = get_forward_backward_func()(
+            forward_step_func=gpt_forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=num_microbatches, seq_length=SEQ, micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=True)
+    return _global_mean_loss(dicts)
+
+
 def _global_mean_loss(dicts: list[dict[str, torch.Tensor]]) -> float:
     """Mean over micro-batches and data-parallel replicas, broadcast from the last stage to all."""
     total = torch.tensor([sum(d["loss"].item() for d in dicts), float(len(dicts))], dtype=torch.float64)

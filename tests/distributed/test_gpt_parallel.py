@@ -15,6 +15,7 @@ from megatron_core.testing import run_distributed
 from tests.distributed.gpt_harness import (
     LAYERS,
     assemble,
+    evaluate,
     full_weights,
     make_config,
     make_steps,
@@ -35,13 +36,17 @@ def _reference() -> tuple[list[float], dict[str, torch.Tensor]]:
 
 def _train(tp: int, pp: int, num_microbatches: int, overrides: dict[str, Any]) -> dict[str, Any]:
     model, optimizer = setup(tp, pp, FULL, **overrides)
+    evaluation = evaluate(model, STEPS[0], num_microbatches)
+    untouched = all(p.grad is None for p in model.parameters())
     losses, grads = train_steps(model, optimizer, STEPS, num_microbatches)
-    return {"losses": losses, "grads": grads, "dp": ps.get_data_parallel_world_size()}
+    return {"losses": losses, "grads": grads, "dp": ps.get_data_parallel_world_size(), "eval": evaluation,
+            "eval_left_no_grads": untouched}
 
 
 LAYOUTS = [
     # world, TP, PP, micro-batches per DP rank, config overrides
     pytest.param(4, 2, 2, 4, {}, id="tp2-pp2"),  # more micro-batches than stages
+    pytest.param(4, 2, 2, 2, {"sequence_parallel": True}, id="tp2-pp2-sp"),  # [s/tp, b, h] between stages
     pytest.param(4, 1, 4, 4, {}, id="pp4"),  # exactly as many
     pytest.param(4, 2, 1, 2, {}, id="tp2-dp2"),
     pytest.param(4, 1, 1, 2, {}, id="dp4"),
@@ -67,6 +72,9 @@ def test_layout_matches_single_process(tmp_path, world, tp, pp, num_microbatches
         assert r["losses"] == per_rank[0]["losses"]
     torch.testing.assert_close(torch.tensor(per_rank[0]["losses"]), torch.tensor(ref_losses), atol=TOL, rtol=0)
     assert per_rank[0]["losses"][-1] < per_rank[0]["losses"][0]
+    # Forward-only evaluation before training: the first step's loss, and no gradients.
+    assert all(r["eval_left_no_grads"] for r in per_rank)
+    assert abs(per_rank[0]["eval"] - ref_losses[0]) < TOL
 
 
 # ---------------------------------------------------------------------------- bad layouts
