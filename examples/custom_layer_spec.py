@@ -2,6 +2,8 @@
 
     python examples/custom_layer_spec.py [--out runs/custom_layer_spec] [--iters 30]
 
+(it launches itself on two processes with torchrun for the TP=2 part).
+
 What it shows:
 
 1. ``GatedMLP`` below is a user-written module (a SwiGLU MLP with separate gate/up projections):
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_core import TransformerConfig, parallel_state
@@ -30,7 +35,6 @@ from megatron_core.data import AlphabetDataset, AlphabetTokenizer, collate
 from megatron_core.inference import gather_vocab_logits
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, model_parallel_manual_seed
-from megatron_core.testing import run_distributed
 from megatron_core.training import Trainer, TrainingSettings, latest_checkpoint, load_model
 from megatron_core.transformer.mlp import LinearFc1Builder, LinearFc2Builder
 from megatron_core.transformer.module import MegatronModule
@@ -91,46 +95,53 @@ def make_model(tp: int, gate_proj: Any = ColumnParallelLinear) -> GPTModel:
     return GPTModel(config, gated_mlp_gpt_spec(gate_proj), vocab_size=TOKENIZER.vocab_size, max_sequence_length=SEQ)
 
 
-def probe_batch() -> dict[str, torch.Tensor]:
-    ds = AlphabetDataset(4, SEQ, seed=99)
-    return collate([ds[i] for i in range(4)])
-
-
 def full_logits(model: GPTModel) -> torch.Tensor:
-    batch = probe_batch()
+    """Logits ``[b, s, vocab]`` (gathered over TP) on a fixed probe batch."""
+    ds = AlphabetDataset(4, SEQ, seed=99)
+    batch = collate([ds[i] for i in range(4)])
     model.eval()
     with torch.no_grad():
-        return gather_vocab_logits(model(batch["tokens"], batch["position_ids"], None))  # [b, s, vocab]
+        return gather_vocab_logits(model(batch["tokens"], batch["position_ids"], None))
 
 
-def train_and_save(out: str, iters: int) -> tuple[list[float], torch.Tensor]:
-    """Runs on each of the 2 ranks: TP=2, a few updates, a sharded checkpoint."""
+def train_tp2(out: Path, iters: int) -> None:
+    """Runs on each rank under torchrun: TP=2, a few updates, a sharded checkpoint."""
+    dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
     model_parallel_manual_seed(0)
     model = make_model(tp=2)
-    settings = TrainingSettings(train_iters=iters, micro_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=5,
-                                save_dir=out, progress_bar=False)
+    settings = TrainingSettings(train_iters=iters, micro_batch_size=16, lr=3e-3, min_lr=3e-4, warmup_iters=2,
+                                save_dir=str(out), resume=False, progress_bar=False)
     result = Trainer(model, settings, AlphabetDataset(10_000, SEQ, seed=0)).train()
-    return result.losses, full_logits(model)
+    logits = full_logits(model)
+    if dist.get_rank() == 0:
+        torch.save({"losses": result.losses, "logits": logits}, out / "tp2_result.pt")
+    dist.destroy_process_group()
 
 
-def main(out: str | None = None, iters: int = 30) -> float:
-    """Returns the max |logit difference| between the TP=2 run and its TP=1 reload."""
-    out = out or tempfile.mkdtemp(prefix="custom_layer_spec-")
-    print("Layer spec with the user's GatedMLP in the mlp slot:\n" + format_spec(gated_mlp_gpt_spec()))
+def main(out: Path, iters: int) -> float:
+    """Returns the max |logit difference| between the TP=2 model and its TP=1 reload."""
+    print("Layer spec with the user's GatedMLP in the mlp slot:\n" + format_spec(gated_mlp_gpt_spec()), flush=True)
 
-    losses, logits_tp2 = run_distributed(train_and_save, 2, out, iters, tmp_dir=out)[0]
+    # 1. Train at TP=2: this same file, two processes under torchrun.
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    __file__, "--out", str(out), "--iters", str(iters), "--train-tp2"], check=True)
+    tp2 = torch.load(out / "tp2_result.pt", weights_only=True)
+    losses = tp2["losses"]
     print(f"\ntrained {iters} updates at TP=2: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
+    # 2. Reload the TP=2 checkpoint into a TP=1 model: same logits.
     checkpoint = latest_checkpoint(out)
-    assert checkpoint is not None, f"no complete checkpoint in {out}"
+    if checkpoint is None:
+        raise SystemExit(f"FAIL: no complete checkpoint in {out}")
     model = make_model(tp=1)
     load_model(checkpoint, model)
-    diff = float((full_logits(model) - logits_tp2).abs().max())
+    diff = float((full_logits(model) - tp2["logits"]).abs().max())
     print(f"reloaded {checkpoint} at TP=1: max |logit difference| vs TP=2 = {diff:.2e}")
     if diff > 1e-4:
-        raise SystemExit(f"FAIL: TP=1 reload differs from the TP=2 model by {diff}")
+        raise SystemExit(f"FAIL: the TP=1 reload differs from the TP=2 model by {diff}")
 
+    # 3. A module that does not fit the slot's Protocol fails when the model is built.
     try:
         make_model(tp=1, gate_proj=torch.nn.Linear)
     except SpecError as err:
@@ -142,7 +153,11 @@ def main(out: str | None = None, iters: int = 30) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="checkpoint directory (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=Path("runs/custom_layer_spec"), help="checkpoint directory")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--train-tp2", action="store_true", help=argparse.SUPPRESS)  # the torchrun workers
     args = parser.parse_args()
-    main(args.out, args.iters)
+    if args.train_tp2:
+        train_tp2(args.out, args.iters)
+    else:
+        main(args.out, args.iters)
