@@ -25,6 +25,7 @@ import torch
 
 from megatron_core import parallel_state
 from megatron_core.data import AlphabetDataset, AlphabetTokenizer, collate
+from megatron_core.dist_checkpointing import read_metadata
 from megatron_core.inference import generate
 from megatron_core.training.run_config import RunConfig, build_spec, model_from_checkpoint
 from megatron_core.transformer.spec_utils import format_spec
@@ -66,6 +67,16 @@ def next_letter_accuracy(model: torch.nn.Module, tokenizer: AlphabetTokenizer, s
     mask = batch["loss_mask"].bool()
     correct = (logits.argmax(-1) == batch["labels"]) & mask
     return float(correct.sum() / mask.sum())
+
+
+def describe_checkpoint(checkpoint: Path, key: str = "decoder.layers.0.mlp.linear_fc1.weight") -> str:
+    """One line on what was saved, and how one TP-split weight was cut into shards."""
+    meta = read_metadata(checkpoint)
+    record = meta.tensors[key]
+    shards = ", ".join(f"rank {s.rank} rows {s.offset[0]}-{s.offset[0] + s.shape[0] - 1}" for s in record.shards)
+    num_model = sum(not k.startswith("optimizer.") for k in meta.tensors)
+    return (f"{checkpoint}: {num_model} model tensors + {len(meta.tensors) - num_model} AdamW moments, "
+            f"saved by {meta.world_size} ranks\n  e.g. {key} {list(record.global_shape)}: {shards}")
 
 
 def plot_loss(metrics_file: Path, png: Path) -> Path:
@@ -115,7 +126,8 @@ def main() -> int:
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"FAIL: reloading the checkpoint at TP=1: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print(f"loaded {checkpoint} (saved at TP={common['tensor_model_parallel_size']}, iteration "
+    print(describe_checkpoint(checkpoint))
+    print(f"loaded it (saved at TP={common['tensor_model_parallel_size']}, iteration "
           f"{common['iteration']}) into a TP=1 model", flush=True)
 
     tokenizer = AlphabetTokenizer()
