@@ -16,7 +16,6 @@ last sends none), which keeps the schedules free of stage conditionals.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -121,15 +120,15 @@ class StageCommunicator:
         received_shape, received_dtype = self.shape, self.dtype
         if header_out or header_in:
             incoming = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-            ops: list[Any] = []  # torch types isend/irecv as returning Work | None
+            ops: list[dist.P2POp] = []
             if header_out:
                 assert send is not None
-                ops.append(dist.isend(_header(send), dst=send_to, group=self.group))
+                ops.append(dist.P2POp(dist.isend, _header(send), send_to, self.group))
                 self._sent_to.add(int(send_to))  # type: ignore[arg-type]
             if header_in:
-                ops.append(dist.irecv(incoming, src=recv_from, group=self.group))
+                ops.append(dist.P2POp(dist.irecv, incoming, recv_from, self.group))
                 self._received_from.add(int(recv_from))  # type: ignore[arg-type]
-            _wait(ops)
+            _run(ops)
             if header_in:
                 ndim = int(incoming[0])
                 received_shape = tuple(int(d) for d in incoming[2:2 + ndim])
@@ -139,10 +138,10 @@ class StageCommunicator:
                     if recv_from is not None else None)
         ops = []
         if received is not None:
-            ops.append(dist.irecv(received, src=recv_from, group=self.group))
+            ops.append(dist.P2POp(dist.irecv, received, recv_from, self.group))
         if send is not None:
-            ops.append(dist.isend(send, dst=send_to, group=self.group))
-        _wait(ops)
+            ops.append(dist.P2POp(dist.isend, send, send_to, self.group))
+        _run(ops)
         # Checked only after the data arrived (into a buffer of the sent shape): the sender is never
         # left blocked, so the failing rank reports instead of the whole pipeline timing out.
         if received is not None and (received_shape != self.shape or received_dtype != self.dtype):
@@ -157,9 +156,15 @@ class StageCommunicator:
         return received
 
 
-def _wait(ops: list[Any]) -> None:
-    for op in ops:
-        op.wait()
+def _run(ops: list[dist.P2POp]) -> None:
+    """Post all ops as one batch, then wait for them.
+
+    One batch matters on NCCL: two neighbours that each send before receiving would otherwise
+    queue their receive behind a send that waits for the other's receive (a deadlock).
+    """
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 def _requires_grad(tensor: torch.Tensor | None) -> torch.Tensor | None:
