@@ -56,11 +56,14 @@ def get_family(model_type: str) -> HFFamily:
     Raises:
         HFInteropError: no family handles ``model_type``; the message lists the known ones.
     """
-    load_family_modules(FAMILY_MODULES)
+    # Import only the family asked for: one broken or heavy family module must not block the others.
+    if model_type in FAMILY_MODULES:
+        load_family_modules({model_type: FAMILY_MODULES[model_type]})
     families = registered_families()
     if model_type not in families:
+        known = sorted(set(families) | set(FAMILY_MODULES))
         raise HFInteropError(
-            f"no Hugging Face converter for model_type={model_type!r}; known: {sorted(families)}. "
+            f"no Hugging Face converter for model_type={model_type!r}; known: {known}. "
             "Fix: add a family module under megatron_core/interop and list it in FAMILY_MODULES."
         )
     return families[model_type]
