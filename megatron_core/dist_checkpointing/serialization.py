@@ -263,7 +263,7 @@ def _write_local(tmp: Path, me: int, leaves: Sequence[ShardedTensor | ShardedObj
                 status.object_weights_only[rel] = _write_torch_file(tmp / rel, leaf.data)
         if common is not None:
             status.common_weights_only = _write_torch_file(tmp / COMMON_FILE, common)
-        _fsync_tree_dirs(tmp)
+        fsync_dir(tmp)  # the key directories' entries (tensorstore fsyncs each key directory)
     except Exception as e:  # every rank learns of it through the vote
         logger.exception("rank %d failed while saving into %s", me, tmp)
         status = _Status(ok=False, error=f"{type(e).__name__}: {e}")
@@ -280,18 +280,17 @@ def _write_torch_file(path: Path, obj: Any) -> bool:
         weights_only = True
     except Exception:
         weights_only = False
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    if created:
+        fsync_dir(path.parent.parent)
+        fsync_dir(path.parent.parent.parent)
     return weights_only
-
-
-def _fsync_tree_dirs(root: Path) -> None:
-    """fsync the directories this save created (files are fsync'd by their writers)."""
-    for dirpath, _, _ in os.walk(root):
-        fsync_dir(Path(dirpath))
 
 
 def _build_metadata(records: dict[str, TensorRecord], object_paths: dict, statuses: Sequence[_Status],

@@ -53,7 +53,8 @@ def test_layout_on_disk_one_chunk_file_per_saving_shard(tmp_path):
     assert meta.format == dc.FORMAT_NAME and meta.version == dc.FORMAT_VERSION
     col = meta.tensors["col"]
     assert col.chunk_shape == (4, 6) and [s.offset for s in col.shards] == [(0, 0), (4, 0), (8, 0), (12, 0)]
-    assert sorted(p.name for p in (tmp_path / "ckpt" / "col" / "c").iterdir()) == ["0", "1", "2", "3"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "col").iterdir()) == ["c.0.0", "c.1.0", "c.2.0", "c.3.0",
+                                                                            "zarr.json"]
     assert meta.tensors["grid"].chunk_shape == (4, 4, 3)
     assert len(meta.tensors["norm"].shards) == 1  # replicated: only the main replica was written
     assert len(meta.tensors["fc1"].shards) == 8  # swiglu factory: gate and up fragments per rank
@@ -76,7 +77,7 @@ def test_inner_chunks_make_a_resharding_read_touch_only_what_it_needs(tmp_path):
     # a TP=4 rank needs half a saved shard: reading it must not touch the other half -> corrupt it
     n_inner = 2
     from tests.dist_checkpointing.helpers import inner_chunk_byte_ranges
-    chunk = tmp_path / "ckpt" / "w" / "c" / "0" / "0"
+    chunk = tmp_path / "ckpt" / "w" / "c.0.0"
     ranges = inner_chunk_byte_ranges(chunk, n_inner)
     for offset, _ in ranges[n_inner // 2:]:
         flip_byte(chunk, offset + 1)
@@ -92,9 +93,9 @@ def test_all_zero_tensors_are_stored_not_elided(tmp_path):
     w[:512] = 1.0  # first inner chunk non-zero, the others zero
     dc.save({"b": ShardedTensor.from_rank_offsets("b", torch.zeros(8)), "w": ShardedTensor.from_rank_offsets("w", w)},
             tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "b" / "c" / "0").is_file()
+    assert (tmp_path / "ckpt" / "b" / "c.0").is_file()
     from tests.dist_checkpointing.helpers import inner_chunk_byte_ranges
-    ranges = inner_chunk_byte_ranges(tmp_path / "ckpt" / "w" / "c" / "0" / "0", 4)
+    ranges = inner_chunk_byte_ranges(tmp_path / "ckpt" / "w" / "c.0.0", 4)
     assert all(size == 512 * 512 * 4 + 4 for _, size in ranges)  # data + crc32c, nothing elided
     out = dc.load_plain_tensors(tmp_path / "ckpt")
     assert torch.equal(out["b"], torch.zeros(8)) and torch.equal(out["w"], w)
@@ -183,7 +184,7 @@ def test_cli_inspect_and_verify(tmp_path):
     assert any(line.split()[:5] == ["col", "float32", "(16,", "6)", "2x1"] for line in out.splitlines())
     ok = subprocess.run([*run, "verify", str(tmp_path / "ckpt")], capture_output=True, text=True)
     assert ok.returncode == 0 and "verified" in ok.stdout
-    flip_byte(tmp_path / "ckpt" / "row" / "c" / "0" / "1", 3)
+    flip_byte(tmp_path / "ckpt" / "row" / "c.0.1", 3)
     bad = subprocess.run([*run, "verify", str(tmp_path / "ckpt")], capture_output=True, text=True)
     assert bad.returncode == 1 and "FAIL  row" in bad.stdout and "ok    col" in bad.stdout
     (tmp_path / "ckpt" / "metadata.json").unlink()
