@@ -26,6 +26,7 @@ from megatron_core.transformer.mlp import MLP, MLPSubmodules
 from megatron_core.transformer.norms import LayerNorm, RMSNorm, WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from specs.backends import get_gpt_layer_spec, get_gpt_layer_te_spec  # noqa: F401  (re-exported: the TE spec and the backend switch)
 
 
 def _norm_for(normalization: Literal["LayerNorm", "RMSNorm"] | None) -> type:

@@ -16,6 +16,7 @@ from typing import Any
 
 from megatron_core.config import TransformerConfig
 from megatron_core.transformer.spec_utils import ModuleSpec
+from specs.backends import get_llama_layer_spec, get_llama_layer_te_spec  # noqa: F401  (re-exported: the TE spec and the backend switch)
 from specs.gpt import get_gpt_layer_local_spec
 
 # GPTModel arguments that make a GPT a Llama (positions and head are model choices, not config).
