@@ -228,8 +228,9 @@ def forward_backward_pipelining_without_interleaving(
     """Non-interleaved 1F1B over the pipeline group (see the module docstring).
 
     Every rank of a pipeline group calls this with the same ``num_microbatches``, ``seq_length``
-    and ``micro_batch_size``; the activation ``[seq_length, micro_batch_size, hidden_size]`` is
-    checked on both ends of every transfer. ``decoder_seq_length`` (encoder-decoder models) is
+    and ``micro_batch_size``. The activation ``[seq_length, micro_batch_size, hidden_size]`` is
+    checked on every output a stage produces and, through a shape header, on the first transfer
+    over each link (``PipelineShapeError`` naming both shapes and both stages). ``decoder_seq_length`` (encoder-decoder models) is
     accepted for compatibility and unused.
 
     Returns:
@@ -246,55 +247,77 @@ def forward_backward_pipelining_without_interleaving(
             "1F1B runs earlier micro-batches' backwards after the last forward; wrap the stage with "
             "megatron_core.distributed.DistributedDataParallel (or wrap_data_parallel) instead"
         )
-    shape = get_tensor_shape(model, seq_length, micro_batch_size)
-    dtype = _pipeline_dtype(model)
-    comm = p2p.StageCommunicator(shape, dtype, _device(model))
-    last = parallel_state.is_pipeline_last_stage()
+    run = _OneFOneB(forward_step_func, data_iterator, model, num_microbatches,
+                    get_tensor_shape(model, seq_length, micro_batch_size), forward_only, collect_non_loss_data)
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     num_warmup = min(stages - stage - 1, num_microbatches)
-    num_steady = num_microbatches - num_warmup
-    store: list[Any] = []
-    inputs: list[torch.Tensor | None] = []
-    outputs: list[torch.Tensor] = []
-
-    def run_forward(input_tensor: torch.Tensor | None) -> torch.Tensor:
-        output = forward_step(forward_step_func, data_iterator, model, num_microbatches, input_tensor, store,
-                              collect_non_loss_data)
-        if not last:
-            p2p.check_output_shape(output, shape, dtype)
-        return output
-
     with _no_sync(model)():
-        for _ in range(num_warmup):
-            input_tensor = comm.recv_forward()
-            output = run_forward(input_tensor)
-            comm.send_forward(None if last else output)
-            if not forward_only:
-                inputs.append(input_tensor)
-                outputs.append(output)
-
-        input_tensor = comm.recv_forward() if num_steady > 0 else None
-        for i in range(num_steady):
-            last_iteration = i == num_steady - 1
-            output = run_forward(input_tensor)
-            if forward_only:
-                comm.send_forward(None if last else output)
-                input_tensor = None if last_iteration else comm.recv_forward()
-                continue
-            output_grad = comm.send_forward_recv_backward(None if last else output)
-            inputs.append(input_tensor)
-            outputs.append(output)
-            input_grad = backward_step(inputs.pop(0), outputs.pop(0), output_grad)
-            if last_iteration:
-                comm.send_backward(input_grad)
-            else:
-                input_tensor = comm.send_backward_recv_forward(input_grad)
-
-        for _ in range(0 if forward_only else num_warmup):
-            output_grad = comm.recv_backward()
-            comm.send_backward(backward_step(inputs.pop(0), outputs.pop(0), output_grad))
-
+        run.warmup(num_warmup)
+        run.steady(num_microbatches - num_warmup)
+        run.cooldown(0 if forward_only else num_warmup)
     if not forward_only:
         finalize_model_grads([model])
-    return store
+    return run.store
+
+
+class _OneFOneB:
+    """The state of one 1F1B call: this stage's in-flight micro-batches and its communicator."""
+
+    def __init__(self, forward_step_func: ForwardStepFunc, data_iterator: Any, model: torch.nn.Module,
+                 num_microbatches: int, shape: tuple[int, int, int], forward_only: bool,
+                 collect_non_loss_data: bool) -> None:
+        self.forward_step_func, self.data_iterator, self.model = forward_step_func, data_iterator, model
+        self.num_microbatches, self.shape = num_microbatches, shape
+        self.forward_only, self.collect_non_loss_data = forward_only, collect_non_loss_data
+        self.dtype = _pipeline_dtype(model)
+        self.comm = p2p.StageCommunicator(shape, self.dtype, _device(model))
+        self.last = parallel_state.is_pipeline_last_stage()
+        self.store: list[Any] = []
+        # Inputs and outputs of micro-batches whose backward has not run yet, oldest first.
+        self.inputs: list[torch.Tensor | None] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, input_tensor: torch.Tensor | None) -> torch.Tensor:
+        output = forward_step(self.forward_step_func, self.data_iterator, self.model, self.num_microbatches,
+                              input_tensor, self.store, self.collect_non_loss_data)
+        if not self.last:
+            p2p.check_output_shape(output, self.shape, self.dtype)
+        return output
+
+    def backward_oldest(self, output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        return backward_step(self.inputs.pop(0), self.outputs.pop(0), output_grad)
+
+    def warmup(self, count: int) -> None:
+        """Forwards only: fill the pipeline with ``count`` micro-batches."""
+        for _ in range(count):
+            input_tensor = self.comm.recv_forward()
+            output = self.forward(input_tensor)
+            self.comm.send_forward(None if self.last else output)
+            if not self.forward_only:
+                self.inputs.append(input_tensor)
+                self.outputs.append(output)
+
+    def steady(self, count: int) -> None:
+        """One forward then one backward (of the oldest in-flight micro-batch), ``count`` times."""
+        input_tensor = self.comm.recv_forward() if count > 0 else None
+        for i in range(count):
+            last_iteration = i == count - 1
+            output = self.forward(input_tensor)
+            if self.forward_only:
+                self.comm.send_forward(None if self.last else output)
+                input_tensor = None if last_iteration else self.comm.recv_forward()
+                continue
+            output_grad = self.comm.send_forward_recv_backward(None if self.last else output)
+            self.inputs.append(input_tensor)
+            self.outputs.append(output)
+            input_grad = self.backward_oldest(output_grad)
+            if last_iteration:
+                self.comm.send_backward(input_grad)
+            else:
+                input_tensor = self.comm.send_backward_recv_forward(input_grad)
+
+    def cooldown(self, count: int) -> None:
+        """Backwards only: drain the ``count`` micro-batches still in flight."""
+        for _ in range(count):
+            self.comm.send_backward(self.backward_oldest(self.comm.recv_backward()))
