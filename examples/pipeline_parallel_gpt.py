@@ -121,9 +121,11 @@ def main() -> None:
     config = TransformerConfig(num_layers=args.layers, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
                                attention_dropout=0.0, tensor_model_parallel_size=args.tp,
                                pipeline_model_parallel_size=args.pp)
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=tokenizer.vocab_size,
-                     max_sequence_length=args.seq_length, pre_process=parallel_state.is_pipeline_first_stage(),
-                     post_process=parallel_state.is_pipeline_last_stage()).to(_device())
+    # Built on its device: the last stage's tied-embedding copy is synced by a collective at build time.
+    with torch.device(_device()):
+        model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=tokenizer.vocab_size,
+                         max_sequence_length=args.seq_length, pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage())
     optimizer = DistributedOptimizer(model, lr=args.lr) if args.zero else build_adamw(model, lr=args.lr)
     wrapped = wrap_data_parallel(model)  # torch DDP at PP=1, bucketed all-reduce with pipelining
 
