@@ -102,7 +102,9 @@ class ParallelLinear(TorchLoadMixin, MegatronModule):
         """Replace every ``torch.nn.Linear`` in ``module`` by a ``ParallelLinear`` holding the same values.
 
         Every rank must hold the same ``module`` (same seed, or loaded from the same file): each
-        keeps its slice of the existing weights. No random numbers are drawn.
+        keeps its slice of the existing weights. No random numbers are drawn. The projections
+        inside a ``torch.nn.MultiheadAttention`` are left alone (torch uses their weights directly);
+        switch to ``megatron_core.nn.MultiheadAttention`` to split attention.
 
         Args:
             module: a model, or a bare ``nn.Linear``.
@@ -115,6 +117,10 @@ class ParallelLinear(TorchLoadMixin, MegatronModule):
         """
         if isinstance(module, torch.nn.Linear):
             return _from_linear(module, dim, gather_output)
+        if isinstance(module, torch.nn.MultiheadAttention):
+            # torch's attention reads out_proj.weight directly instead of calling the layer, so a
+            # split out_proj would silently compute the wrong thing; use megatron_core.nn.MultiheadAttention.
+            return module
         for name, child in module.named_children():
             converted = cls.convert_parallel_linear(child, dim, gather_output)
             if converted is not child:
