@@ -1,9 +1,10 @@
 """State-dict names of a Transformer Engine spec model <-> the local spec's: a pure, exact key map.
 
-The TE layer spec fuses each pre-norm into the linear that follows it
+The pre-norm TE layer specs (GPT, Llama, T5) fuse each norm into the linear that follows it
 (``TELayerNormColumnParallelLinear``), so in ``model.state_dict()`` the norm's parameters live
 inside the linear under TE's names, and every TE module adds an ``_extra_state`` entry (TE's FP8
-scaling metadata, an empty ``uint8`` tensor outside FP8 training):
+scaling metadata, an empty ``uint8`` tensor outside FP8 training). BERT's TE spec keeps separate
+norms (post-norm layers cannot fuse them): pass ``fused_norms=False``, only ``_extra_state`` differs.
 
 =====================================================  ================================================
 local spec (``get_gpt_layer_local_spec``)               TE spec (``get_gpt_layer_te_spec``)
@@ -32,6 +33,7 @@ checkpoints interchangeable under strict loading.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,16 +47,9 @@ FUSED_NORM_SLOTS: tuple[tuple[str, str], ...] = (
     ("mlp.linear_fc1", "pre_mlp_layernorm"),
     ("cross_attention.linear_q", "pre_cross_attn_layernorm"),
 )
-# Modules that the TE layer spec builds from TE classes (each has an ``_extra_state`` entry).
-TE_MODULE_SLOTS: tuple[str, ...] = (
-    "self_attention.linear_qkv",
-    "self_attention.core_attention",
-    "self_attention.linear_proj",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
 _TE_NORM_PARAMS = {"layer_norm_weight": "weight", "layer_norm_bias": "bias"}
 EXTRA_STATE = "_extra_state"
+_IN_A_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 class KeyMapError(KeyError):
@@ -126,7 +121,9 @@ def te_to_local_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def local_to_te_state_dict(state_dict: Mapping[str, Any], *, with_extra_state: bool = False) -> dict[str, Any]:
+def local_to_te_state_dict(
+    state_dict: Mapping[str, Any], *, fused_norms: bool = True, with_extra_state: bool = False
+) -> dict[str, Any]:
     """Rename a local spec model's ``state_dict()`` to the TE spec's names.
 
     A local norm is moved into the linear that follows it only when that linear is in the state
@@ -135,10 +132,12 @@ def local_to_te_state_dict(state_dict: Mapping[str, Any], *, with_extra_state: b
 
     Args:
         state_dict: the local model's ``state_dict()``.
-        with_extra_state: also add an empty ``_extra_state`` for every module that the TE layer
-            spec builds from TE classes (``TE_MODULE_SLOTS``), so the keys equal a freshly built
-            TE model's ``state_dict()`` keys. Not needed for loading: the TE wrappers accept a
-            state dict without it.
+        fused_norms: the TE spec fuses the pre-norms into the linears (GPT, Llama, T5). False for
+            TE specs with separate norms (BERT's post-norm layers): names then stay as they are.
+        with_extra_state: also add an empty ``_extra_state`` for every module of the TE layers
+            (each parameter-holding module inside ``layers.N``, and each attention core), so the
+            keys equal a freshly built TE model's ``state_dict()`` keys (a fused TE activation op
+            aside). Not needed for loading: the TE wrappers accept a state dict without it.
 
     Returns:
         A new dict with the same tensor objects.
@@ -147,15 +146,12 @@ def local_to_te_state_dict(state_dict: Mapping[str, Any], *, with_extra_state: b
         KeyMapError: a TE key would be written twice.
     """
     moves: dict[str, str] = {}  # local norm prefix -> fused linear prefix
-    layers: list[str] = []
-    for key in state_dict:
+    for key in state_dict if fused_norms else ():
         for linear, norm in FUSED_NORM_SLOTS:
             tail = f"{linear}.weight"
             if key == tail or key.endswith(f".{tail}"):
                 layer = key[: len(key) - len(tail)]
                 moves[f"{layer}{norm}."] = f"{layer}{linear}."
-                if linear == FUSED_NORM_SLOTS[0][0]:
-                    layers.append(layer)
     out: dict[str, Any] = {}
     for key, value in state_dict.items():
         module, _, name = key.rpartition(".")
@@ -165,9 +161,18 @@ def local_to_te_state_dict(state_dict: Mapping[str, Any], *, with_extra_state: b
         else:
             _put(out, key, value, key)
     if with_extra_state:
-        for layer in layers:
-            for slot in TE_MODULE_SLOTS:
-                if slot.startswith("mlp.") and f"{layer}mlp.linear_fc1.weight" not in state_dict:
-                    continue
-                _put(out, f"{layer}{slot}.{EXTRA_STATE}", torch.empty(0, dtype=torch.uint8), slot)
+        for module in _te_layer_modules(out):
+            _put(out, f"{module}.{EXTRA_STATE}", torch.empty(0, dtype=torch.uint8), module)
     return out
+
+
+def _te_layer_modules(state_dict: Mapping[str, Any]) -> list[str]:
+    """Module paths that a TE layer spec builds from TE classes, in first-seen order."""
+    modules: dict[str, None] = {}
+    for key in state_dict:
+        module, _, name = key.rpartition(".")
+        if name in ("weight", "layer_norm_weight") and _IN_A_LAYER.search(key):
+            if module.endswith(".linear_proj"):  # its attention's core is a TE module without weights
+                modules[module[: -len("linear_proj")] + "core_attention"] = None
+            modules[module] = None
+    return list(modules)

@@ -9,13 +9,16 @@ from megatron_core.extensions.te_usability import TEUnavailableError, is_te_usab
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
 from specs import backends
 from specs.backends import (
+    get_bert_layer_spec,
     get_gpt_layer_spec,
     get_gpt_layer_te_spec,
     get_llama_layer_spec,
     get_llama_layer_te_spec,
+    get_t5_layer_specs,
     resolve_backend,
 )
 from tests.extensions._fake_te import fake_te
@@ -31,6 +34,9 @@ def test_auto_picks_local_when_te_is_not_usable() -> None:
     assert attention.core_attention is DotProductAttention
     assert attention.linear_proj is RowParallelLinear
     assert get_llama_layer_spec().submodules.mlp.submodules.linear_fc1 is ColumnParallelLinear
+    assert get_bert_layer_spec().submodules.mlp.submodules.linear_fc1 is ColumnParallelLinear
+    encoder, decoder = get_t5_layer_specs()
+    assert decoder.submodules.cross_attention.submodules.linear_q is ColumnParallelLinear
 
 
 @no_te
@@ -39,7 +45,9 @@ def test_auto_picks_local_when_te_is_not_usable() -> None:
     lambda: get_gpt_layer_te_spec(),
     lambda: get_llama_layer_spec(backend="te"),
     lambda: get_llama_layer_te_spec(),
-], ids=["gpt-switch", "gpt-te", "llama-switch", "llama-te"])
+    lambda: get_bert_layer_spec(backend="te"),
+    lambda: get_t5_layer_specs(backend="te"),
+], ids=["gpt-switch", "gpt-te", "llama-switch", "llama-te", "bert-switch", "t5-switch"])
 def test_asking_for_te_without_it_raises_the_clear_error(ask) -> None:
     with pytest.raises(TEUnavailableError) as info:
         ask()
@@ -89,3 +97,16 @@ def test_auto_picks_te_when_usable() -> None:
         assert llama.linear_qkv.module == backends.TE_LAYERNORM_LINEAR
         local = get_gpt_layer_spec(backend="local").submodules.self_attention.submodules
         assert local.linear_qkv is ColumnParallelLinear
+
+
+def test_bert_and_t5_te_specs() -> None:
+    bert = backends.get_bert_layer_te_spec(check_te=False).submodules
+    assert bert.input_layernorm.module == bert.pre_mlp_layernorm.module == backends.TE_NORM  # post-norm: not fused
+    assert bert.self_attention.submodules.linear_qkv.module == backends.TE_COLUMN_PARALLEL_LINEAR
+    assert bert.self_attention.params["attn_mask_type"] is AttnMaskType.padding
+    decoder = backends.get_t5_decoder_layer_te_spec(check_te=False).submodules
+    cross = decoder.cross_attention.submodules
+    assert decoder.pre_cross_attn_layernorm is IdentityOp and cross.linear_q.module == backends.TE_LAYERNORM_LINEAR
+    assert cross.linear_kv.module == backends.TE_COLUMN_PARALLEL_LINEAR
+    encoder = backends.get_t5_encoder_layer_te_spec(check_te=False).submodules
+    assert encoder.self_attention.params["attn_mask_type"] is AttnMaskType.padding

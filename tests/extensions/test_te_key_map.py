@@ -10,7 +10,6 @@ import torch
 
 from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_key_map import (
-    TE_MODULE_SLOTS,
     KeyMapError,
     local_norm_prefix,
     local_to_te_state_dict,
@@ -73,9 +72,20 @@ def test_extra_state_is_added_on_request_and_dropped_on_the_way_back() -> None:
     local = _gpt_state_dict()
     te = local_to_te_state_dict(local, with_extra_state=True)
     extra = sorted(k for k in te if k.endswith("._extra_state"))
-    expected = sorted(f"decoder.layers.{i}.{slot}._extra_state" for i in range(2) for slot in TE_MODULE_SLOTS)
-    assert extra == expected
+    slots = ("self_attention.linear_qkv", "self_attention.core_attention", "self_attention.linear_proj",
+             "mlp.linear_fc1", "mlp.linear_fc2")
+    assert extra == sorted(f"decoder.layers.{i}.{slot}._extra_state" for i in range(2) for slot in slots)
     assert all(te[k].dtype == torch.uint8 and te[k].numel() == 0 for k in extra)
+    assert te_to_local_state_dict(te) == local
+
+
+def test_separate_norms_keep_their_names() -> None:
+    """BERT's TE spec keeps its (post-)norms apart: only _extra_state entries are added."""
+    local = _gpt_state_dict()
+    te = local_to_te_state_dict(local, fused_norms=False, with_extra_state=True)
+    assert {k for k in te if not k.endswith("_extra_state")} == set(local)
+    assert "decoder.layers.0.input_layernorm._extra_state" in te
+    assert "decoder.final_layernorm._extra_state" not in te  # the block's final norm stays local
     assert te_to_local_state_dict(te) == local
 
 

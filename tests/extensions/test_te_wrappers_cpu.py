@@ -182,3 +182,58 @@ def test_tp2_sharding_and_logits_match_the_local_spec(family: str, sequence_para
         assert rank["same_sharding"]
         assert rank["logits_diff"] < 1e-5
         assert rank["gather_diff"] < 1e-6
+
+
+# ----------------------------------------------------------------------------- BERT and T5
+def _bert(backend: str) -> torch.nn.Module:
+    from megatron_core.models.bert import BertModel
+    from specs.backends import get_bert_layer_spec
+    from specs.bert import bert_config
+
+    config = bert_config(num_layers=2, hidden_size=48, num_attention_heads=4, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+    torch.manual_seed(8)
+    return BertModel(config, get_bert_layer_spec(backend=backend), vocab_size=64, max_sequence_length=16)
+
+
+def _t5(backend: str) -> torch.nn.Module:
+    from megatron_core.models.t5 import T5Model
+    from specs.backends import get_t5_layer_specs
+    from specs.t5 import t5_config
+
+    config = t5_config("1.1", num_layers=2, hidden_size=48, num_attention_heads=4, kv_channels=12,
+                       ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(9)
+    return T5Model(config, *get_t5_layer_specs(backend=backend), vocab_size=64, max_sequence_length=16)
+
+
+def test_bert_te_spec_matches_local(te: ModuleType) -> None:
+    """Post-norm BERT: separate TE norms, padding masks through TE's 'arbitrary' mask."""
+    local, te_model = _bert("local"), _bert("te")
+    assert isinstance(te_model.encoder.layers[0].input_layernorm, te.TELayerNorm)
+    mapped = te_to_local_state_dict(te_model.state_dict())
+    assert all(torch.equal(mapped[k], v) for k, v in local.state_dict().items()) and mapped.keys() == local.state_dict().keys()
+    ids = batch()[0]
+    pad = torch.ones_like(ids)
+    pad[1, -3:] = 0  # the second sequence is padded
+    (lm_local, binary_local), (lm_te, binary_te) = local(ids, pad), te_model(ids, pad)
+    assert (lm_te - lm_local).abs().max().item() < 1e-5
+    assert (binary_te - binary_local).abs().max().item() < 1e-5
+    assert same_description(describe_sharded(te_model.sharded_state_dict()), describe_sharded(local.sharded_state_dict()))
+    te_model.load_state_dict(local_to_te_state_dict(local.state_dict(), fused_norms=False), strict=True)
+
+
+def test_t5_te_spec_matches_local(te: ModuleType) -> None:
+    """T5: fused norms (cross-attention's into linear_q), relative position bias through TE's bias input."""
+    local, te_model = _t5("local"), _t5("te")
+    local_sd = local.state_dict()
+    mapped = te_to_local_state_dict(te_model.state_dict())
+    assert mapped.keys() == local_sd.keys() and all(torch.equal(mapped[k], v) for k, v in local_sd.items())
+    assert "decoder.layers.1.cross_attention.linear_q.layer_norm_weight" in te_model.state_dict()
+    enc, dec = batch(1)[0], batch(2)[0][:, :10]
+    enc_mask = torch.ones_like(enc)
+    enc_mask[0, -4:] = 0
+    logits_local, logits_te = local(enc, dec, enc_mask), te_model(enc, dec, enc_mask)  # [b, s_dec, vocab]
+    assert (logits_te - logits_local).abs().max().item() < 1e-5
+    assert same_description(describe_sharded(te_model.sharded_state_dict()), describe_sharded(local.sharded_state_dict()))
+    te_model.load_state_dict(local_to_te_state_dict(local_sd), strict=True)
