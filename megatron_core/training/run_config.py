@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -71,7 +72,7 @@ class DataSection(BaseModel):
     num_valid_samples: int = 256
     min_letters: int = 2
     # text / indexed
-    paths: list[str] = Field(default_factory=list)  # text files (kind=text)
+    paths: list[str] = Field(default_factory=list)  # text files or globs (kind=text), e.g. "docs/**/*.md"
     prefix: str | None = None  # PREFIX.bin/.idx: read (indexed) or written (text; default runs/data/<stem>)
     split_paragraphs: bool = False
     valid_fraction: float = 0.05
@@ -169,13 +170,29 @@ def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.D
                 AlphabetDataset(data.num_valid_samples, data.seq_length, seed=seed + 1, min_letters=data.min_letters))
     prefix = Path(data.prefix or "") if data.kind == "indexed" else _text_prefix(data)
     if data.kind == "text":
+        paths = expand_paths(data.paths)
         is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if is_rank0 and not _up_to_date(prefix, data.paths):
-            build_from_text(data.paths, prefix, split_paragraphs=data.split_paragraphs)
+        if is_rank0 and not _up_to_date(prefix, paths):
+            build_from_text(paths, prefix, split_paragraphs=data.split_paragraphs)
         if dist.is_initialized():
             dist.barrier()
     packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
     return split_train_valid(packed, data.valid_fraction)
+
+
+def expand_paths(patterns: list[str]) -> list[str]:
+    """Files matching each pattern (``*``, ``**`` globs allowed), in a stable order.
+
+    Raises:
+        FileNotFoundError: a pattern matches no file.
+    """
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"data.paths entry {pattern!r} matches no file (relative to {Path.cwd()})")
+        files.extend(m for m in matches if m not in files)
+    return files
 
 
 def _up_to_date(prefix: Path, sources: list[str]) -> bool:

@@ -49,3 +49,24 @@ def test_yaml_spec_form_and_errors(tmp_path):
         RunConfig.from_yaml(CONFIG, ["training.learning_rate=1.0"])
     with pytest.raises(ValueError, match="data.paths"):
         RunConfig.from_yaml(CONFIG, ["data.kind=text"])
+
+
+def test_train_on_text_files_then_generate(tmp_path):
+    from megatron_core.inference.__main__ import main as generate_main
+
+    for i in range(2):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i}: the quick brown fox jumps over the lazy dog.\n" * 30)
+    text_config = CONFIG.parent / "text_gpt.yaml"
+    result = main(["--config", str(text_config), "--set", f"data.paths=[{tmp_path}/*.txt]",
+                   "--set", f"data.prefix={tmp_path / 'data/docs'}", "--set", "data.seq_length=32",
+                   "--set", "transformer.num_layers=1", "--set", "transformer.hidden_size=32",
+                   "--set", "training.train_iters=2", "--set", "training.warmup_iters=1",
+                   "--set", f"training.save_dir={tmp_path / 'ckpt'}", "--set", "training.metrics_file=null",
+                   "--set", "training.progress_bar=false"])
+    assert result.iteration == 2 and (tmp_path / "data/docs.idx").is_file()
+    text = generate_main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "the ", "--max-new-tokens", "8",
+                          "--temperature", "0.8", "--top-k", "5"])
+    assert isinstance(text, str) and len(text.encode("utf-8", errors="replace")) <= 8 * 3
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        main(["--config", str(text_config), "--set", f"data.paths=[{tmp_path}/*.missing]",
+              "--set", "training.save_dir=null"])
