@@ -18,8 +18,11 @@ FAMILIES = ("gpt", "llama")
 
 
 def make_config(family: str, tp: int = 1, **overrides: Any) -> TransformerConfig:
-    """GPT: LayerNorm, gelu, biases, MHA. Llama: RMSNorm, SwiGLU, no biases, GQA (4 heads, 2 groups)."""
-    sizes: dict[str, Any] = dict(num_layers=2, hidden_size=48, num_attention_heads=4, tensor_model_parallel_size=tp)
+    """GPT: LayerNorm, gelu, biases, MHA. Llama: RMSNorm, SwiGLU, no biases, GQA (4 heads, 2 groups).
+
+    Head dim 16: a multiple of 8, so that on a GPU TE may pick its flash / cuDNN kernels in bf16.
+    """
+    sizes: dict[str, Any] = dict(num_layers=2, hidden_size=64, num_attention_heads=4, tensor_model_parallel_size=tp)
     if family == "gpt":
         fields = dict(sizes, hidden_dropout=0.0, attention_dropout=0.0)
         fields.update(overrides)

@@ -190,7 +190,7 @@ def _bert(backend: str) -> torch.nn.Module:
     from specs.backends import get_bert_layer_spec
     from specs.bert import bert_config
 
-    config = bert_config(num_layers=2, hidden_size=48, num_attention_heads=4, hidden_dropout=0.0,
+    config = bert_config(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
                          attention_dropout=0.0)
     torch.manual_seed(8)
     return BertModel(config, get_bert_layer_spec(backend=backend), vocab_size=64, max_sequence_length=16)
@@ -201,7 +201,7 @@ def _t5(backend: str) -> torch.nn.Module:
     from specs.backends import get_t5_layer_specs
     from specs.t5 import t5_config
 
-    config = t5_config("1.1", num_layers=2, hidden_size=48, num_attention_heads=4, kv_channels=12,
+    config = t5_config("1.1", num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16,
                        ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(9)
     return T5Model(config, *get_t5_layer_specs(backend=backend), vocab_size=64, max_sequence_length=16)
