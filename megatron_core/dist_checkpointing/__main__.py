@@ -15,9 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from megatron_core.dist_checkpointing.errors import CheckpointingError
-from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata
-from megatron_core.dist_checkpointing.planner import box_of
+from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
+from megatron_core.dist_checkpointing.planner import box_of, plan_reads
 from megatron_core.dist_checkpointing.serialization import read_torch_file
 from megatron_core.dist_checkpointing.tensorstore_io import TensorReader, check_chunk_files
 
@@ -65,7 +67,9 @@ def verify(path: Path, metadata: CheckpointMetadata) -> int:
             for shard in rec.shards:  # one shard at a time keeps memory at one shard
                 box = box_of(shard.offset, shard.shape)
                 check_chunk_files(path, key, rec, [box])
-                reader.result(key, rec, reader.submit(key, rec, box))
+                scratch = torch.empty(shard.shape, dtype=torch_dtype(rec.dtype))
+                reader.read_into(key, rec, scratch, plan_reads(shard.offset, shard.shape, [box]).items)
+                reader.finish()
             print(f"ok    {key}")
         except CheckpointingError as e:
             failures += 1

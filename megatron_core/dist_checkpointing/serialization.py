@@ -72,9 +72,7 @@ from megatron_core.dist_checkpointing.planner import (
     box_of,
     choose_chunk_shape,
     choose_inner_chunk_shape,
-    intersect,
     plan_reads,
-    to_slices,
 )
 from megatron_core.dist_checkpointing.rename import commit_directory
 from megatron_core.dist_checkpointing.tensorstore_io import (
@@ -398,7 +396,6 @@ def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[A
               allow_dtype_cast: bool) -> dict[Any, Any]:
     """Read every requested tensor slice and object shard of this rank (path in tree -> value)."""
     reader = TensorReader(path)
-    jobs = []
     out: dict[Any, Any] = {}
     for tree_path, leaf in leaves:
         if isinstance(leaf, ShardedObject):
@@ -409,30 +406,24 @@ def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[A
         record = metadata.tensors.get(leaf.key)
         if record is None:
             continue  # missing key, tolerated by ``strict``
-        request = box_of(leaf.global_offset, leaf.full_local_shape)
-        box = intersect(request, box_of((0,) * len(record.global_shape), record.global_shape)) \
-            if leaf.allow_shape_mismatch else request
-        if box is None:
-            out[tree_path] = torch.zeros(leaf.local_shape, dtype=leaf.dtype)
-            continue
-        shard_boxes = [box_of(s.offset, s.shape) for s in record.shards]
-        plan = plan_reads([b[0] for b in box], [b[1] - b[0] for b in box], shard_boxes)
-        if plan.uncovered:
+        plan = plan_reads(leaf.global_offset, leaf.full_local_shape, [box_of(s.offset, s.shape) for s in record.shards])
+        padded = leaf.allow_shape_mismatch and tuple(record.global_shape) != tuple(leaf.global_shape)
+        if plan.uncovered and not padded:
             raise MissingChunkError(f"{leaf.key}: {str(path)!r} lists no shard for {plan.uncovered}; the metadata "
                                     "is inconsistent, the checkpoint is damaged")
         check_chunk_files(path, leaf.key, record, [item.global_box for item in plan.items])
-        jobs.append((tree_path, leaf, record, request, box, reader.submit(leaf.key, record, box)))
-    for tree_path, leaf, record, request, box, future in jobs:
-        tensor = reader.result(leaf.key, record, future)
-        if box != request:  # allow_shape_mismatch: the stored tensor is smaller; zero-fill the rest
-            full = torch.zeros(leaf.full_local_shape, dtype=tensor.dtype)
-            full[to_slices(tuple((a - r0, b - r0) for (a, b), (r0, _) in zip(box, request, strict=True)))] = tensor
-            tensor = full
-        tensor = tensor.reshape(leaf.local_shape)  # drop the prepended axes
-        if tensor.dtype != leaf.dtype:
-            assert allow_dtype_cast  # otherwise check_request reported it
-            tensor = tensor.to(leaf.dtype)
+        # allow_shape_mismatch: what the stored tensor does not cover stays zero
+        tensor = (torch.zeros if plan.uncovered else torch.empty)(leaf.full_local_shape, dtype=torch_dtype(record.dtype))
+        reader.read_into(leaf.key, record, tensor, plan.items)
         out[tree_path] = tensor
+    reader.finish()
+    for tree_path, leaf in leaves:
+        if isinstance(leaf, ShardedTensor) and tree_path in out:
+            loaded = out[tree_path].reshape(leaf.local_shape)  # drop the prepended axes
+            if loaded.dtype != leaf.dtype:
+                assert allow_dtype_cast  # otherwise check_request reported it
+                loaded = loaded.to(leaf.dtype)
+            out[tree_path] = loaded
     return out
 
 

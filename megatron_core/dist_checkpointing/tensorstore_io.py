@@ -15,7 +15,9 @@ bytes (no copy, no rounding).
 
 from __future__ import annotations
 
+import math
 import re
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,8 @@ import tensorstore as ts
 import torch
 
 from megatron_core.dist_checkpointing.errors import CorruptedCheckpointError, MissingChunkError
-from megatron_core.dist_checkpointing.metadata import TensorRecord, torch_dtype
-from megatron_core.dist_checkpointing.planner import Box, chunks_of_box, to_slices
+from megatron_core.dist_checkpointing.metadata import TensorRecord
+from megatron_core.dist_checkpointing.planner import Box, ReadItem, chunks_of_box, to_slices
 
 _PLAIN_CODECS: list[dict[str, Any]] = [
     {"name": "bytes", "configuration": {"endian": "little"}},
@@ -44,13 +46,6 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ts.bfloat16.numpy_dtype)
     return t.numpy()
-
-
-def from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory (bfloat16 through an int16 view)."""
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
 
 
 def codecs(record: TensorRecord) -> list[dict[str, Any]]:
@@ -103,7 +98,7 @@ class WriteItem:
     create: bool  # this writer also writes the array's zarr.json
 
 
-def write_shards(root: Path, items: Sequence[WriteItem]) -> None:
+def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int = 128 << 20) -> None:
     """Write every item concurrently; each file is fsync'd (with its directory) by tensorstore.
 
     The caller fsyncs ``root`` itself (it gains one directory per key).
@@ -121,7 +116,8 @@ def write_shards(root: Path, items: Sequence[WriteItem]) -> None:
                 opened[item.key] = ts.open(spec, create=True, context=context)
             else:
                 opened[item.key] = ts.open(spec, open=True, assume_metadata=True, context=context)
-    pending = []
+    pending: deque[tuple[Any, np.ndarray]] = deque()
+    inflight = 0
     for item in items:
         store = opened[item.key].result()
         array = to_numpy(item.data)
@@ -129,6 +125,12 @@ def write_shards(root: Path, items: Sequence[WriteItem]) -> None:
         # The source stays alive (in ``pending``) and unmodified until the commit completes.
         future = store[to_slices(box)].write(array, can_reference_source_data_indefinitely=True)
         pending.append((future, array))
+        inflight += array.nbytes
+        # Each shard is encoded whole in memory before it is written: bound how many are in flight.
+        while inflight > max_inflight_bytes and len(pending) > 1:
+            done, source = pending.popleft()
+            done.result()
+            inflight -= source.nbytes
     for future, _ in pending:
         future.result()
 
@@ -151,30 +153,71 @@ def check_chunk_files(root: Path, key: str, record: TensorRecord, boxes: Sequenc
 
 
 class TensorReader:
-    """Reads boxes of stored tensors; arrays are opened once, from metadata.json alone."""
+    """Reads planned slices straight into preallocated tensors, a few small pieces at a time.
 
-    def __init__(self, root: Path) -> None:
+    Each ``ReadItem`` is cut into pieces of about ``piece_bytes`` along axis 0, on inner-chunk
+    boundaries, and at most ``max_inflight`` pieces are read at once. tensorstore copies each
+    decoded piece into the destination tensor's memory, so a load needs the destination plus a
+    few pieces (reading a whole shard at once would hold its file bytes and decoded copy together).
+    """
+
+    def __init__(self, root: Path, piece_bytes: int = 4 << 20, max_inflight: int = 8) -> None:
         self.root = root
+        self.piece_bytes = piece_bytes
+        self.max_inflight = max_inflight
         self._context = ts.Context()
         self._opened: dict[str, Any] = {}
+        self._inflight: deque[tuple[Any, str, TensorRecord]] = deque()
 
-    def submit(self, key: str, record: TensorRecord, box: Box) -> Any:
-        """Start reading ``box`` (global coordinates) of ``key``; returns a tensorstore future."""
-        if key not in self._opened:
+    def _store(self, key: str, record: TensorRecord) -> Any:
+        if key not in self._opened:  # everything zarr.json says is in metadata.json: no metadata read
             self._opened[key] = ts.open(array_spec(self.root, record), open=True, assume_metadata=True,
-                                        context=self._context)
-        return self._opened[key].result()[to_slices(box)].read()
+                                        context=self._context).result()
+        return self._opened[key]
 
-    def result(self, key: str, record: TensorRecord, future: Any) -> torch.Tensor:
-        """Wait for a read; checksum or decode failures become ``CorruptedCheckpointError``."""
+    def read_into(self, key: str, record: TensorRecord, out: torch.Tensor, items: Sequence[ReadItem]) -> None:
+        """Start filling ``out`` (the requested box; its own shape) from the planned items."""
+        store = self._store(key, record)
+        dst = ts.array(to_numpy(out), copy=False, write=True)
+        for item in items:
+            for global_box, target_box in self._pieces(item, record, out.element_size()):
+                future = dst[to_slices(target_box)].write(store[to_slices(global_box)])
+                self._inflight.append((future, key, record))
+                if len(self._inflight) > self.max_inflight:
+                    self._wait_one()
+
+    def finish(self) -> None:
+        """Wait for every started read; checksum or decode failures become ``CorruptedCheckpointError``."""
+        while self._inflight:
+            self._wait_one()
+
+    def _wait_one(self) -> None:
+        future, key, record = self._inflight.popleft()
         try:
-            array = future.result()
+            future.result()
         except ValueError as e:
+            self._inflight.clear()
             raise CorruptedCheckpointError(
                 f"{key}: reading {str(self.root / record.path)!r} failed: {_short(e)}. The stored bytes "
                 "are damaged (checksum mismatch or undecodable); use another checkpoint."
             ) from e
-        return from_numpy(array, torch_dtype(record.dtype))
+
+    def _pieces(self, item: ReadItem, record: TensorRecord, itemsize: int) -> list[tuple[Box, Box]]:
+        box, target = item.global_box, item.target_box
+        if not box:
+            return [(box, target)]
+        (start, stop), rest = box[0], box[1:]
+        row_bytes = math.prod(b - a for a, b in rest) * itemsize
+        step = record.inner_chunk_shape[0]
+        rows = max(step, self.piece_bytes // max(row_bytes, 1) // step * step)
+        pieces = []
+        lo = start
+        while lo < stop:
+            hi = min(stop, (lo // step) * step + rows)  # piece ends on an inner-chunk boundary
+            shift = target[0][0] - start
+            pieces.append((((lo, hi), *rest), ((lo + shift, hi + shift), *target[1:])))
+            lo = hi
+        return pieces
 
 
 def _short(error: Exception) -> str:

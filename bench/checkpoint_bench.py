@@ -1,0 +1,287 @@
+"""Checkpoint save/load: our tensorstore format vs ``torch.save``/``torch.load`` vs ``torch.distributed.checkpoint``.
+
+A GPT-2-small GPTModel (124M parameters, fp32, vocabulary padded to 50304 as Megatron does) at
+TP=1 (one process) and TP=2 (two gloo processes), in the same run and on the same disk:
+
+* save: ours (every file fsync'd, crc32c per inner chunk) vs ``torch.save`` of the same local
+  tensors (one file per rank, no fsync; with fsync reported too) vs DCP (DTensors sharded like
+  ours, so that DCP can reshard too);
+* the first save of a fresh process (imports and model building not timed), reported separately;
+* load at the same TP, and resharding loads TP=2 -> TP=1 and TP=1 -> TP=2 (ours and DCP);
+* peak extra memory during a load (VmHWM after resetting it, fresh process, glibc's mmap threshold
+  fixed at 1 MiB so that freed memory is not silently reused), as a multiple of the rank's shard.
+  ``torch.load`` and ours return new tensors; DCP loads in place into preallocated ones.
+
+Files were just written, so loads read from the page cache for every method alike. Each timing
+is the min (and median) over ``--repeats`` runs, methods interleaved, wall time between barriers.
+
+    .venv/bin/python bench/checkpoint_bench.py                # ~2-3 minutes on 2 cores
+    .venv/bin/python bench/checkpoint_bench.py --repeats 5 --dir /path/on/the/disk/to/measure
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_core import dist_checkpointing as dc  # noqa: E402
+from megatron_core import parallel_state as ps  # noqa: E402
+from megatron_core.config import TransformerConfig  # noqa: E402
+from megatron_core.models.gpt import GPTModel  # noqa: E402
+from megatron_core.tensor_parallel.random import model_parallel_manual_seed  # noqa: E402
+from megatron_core.testing import run_distributed  # noqa: E402
+from specs.gpt import get_gpt_layer_local_spec  # noqa: E402
+
+VOCAB = 50304
+
+
+def gpt2_small(tp: int) -> GPTModel:
+    cfg = TransformerConfig(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=3072,
+                            hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp)
+    model_parallel_manual_seed(0)
+    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=1024)
+
+
+# ----------------------------------------------------------------------------------- measuring
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn``; return its result and the peak resident memory above the level before it."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = _status("VmRSS")
+    out = fn()
+    return out, _status("VmHWM") - base
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    _barrier()
+    t0 = time.perf_counter()
+    fn()
+    _barrier()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------- methods
+def _dcp_state(sharded: dict[str, Any], empty: bool = False) -> dict[str, Any]:
+    """The same local tensors as DTensors (Shard on the split axis, else Replicate) for DCP."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    out: dict[str, Any] = {}
+    mesh = init_device_mesh("cpu", (tp,)) if tp > 1 else None
+    for key, st in sharded.items():
+        data = torch.empty_like(st.data) if empty else st.data
+        if mesh is None:
+            out[key] = data
+            continue
+        split = [a for a, f in enumerate(st.axis_fragmentations or ()) if f > 1]
+        placement = Shard(split[0]) if split else Replicate()
+        out[key] = DTensor.from_local(data, mesh, [placement], run_check=False)
+    return out
+
+
+def _torch_save(obj: Any, path: Path, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _rank_file(root: Path, name: str) -> Path:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return root / f"{name}_rank{rank}.pt"
+
+
+def bench_rank(tp: int, root: str, repeats: int, reshard_from: int | None, same_tp: bool = True) -> dict[str, Any]:
+    """One TP setting, on every rank: saves and same-TP loads, and/or loads of another TP's checkpoints."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // tp))
+    ps.initialize_model_parallel(tp)
+    base = Path(root)
+    model = gpt2_small(tp)
+    sharded = model.sharded_state_dict()
+    local = {k: v.data for k, v in sharded.items()}
+    shard_bytes = sum(t.numel() * t.element_size() for t in local.values())
+    dcp_state = _dcp_state(sharded)
+    times: dict[str, list[float]] = {}
+    ours, dcp_dir = base / f"ours_tp{tp}", base / f"dcp_tp{tp}"
+
+    def record(name: str, fn: Callable[[], Any]) -> None:
+        times.setdefault(name, []).append(timed(fn))
+
+    request = model.sharded_state_dict()
+    dcp_dest = _dcp_state(sharded, empty=True)
+    for r in range(repeats if same_tp else 0):
+        if dist.get_rank() == 0:
+            for p in (ours, dcp_dir):
+                shutil.rmtree(p, ignore_errors=True)
+        _barrier()
+        saves = [("save ours", lambda: dc.save(sharded, ours)),
+                 ("save torch", lambda: _torch_save(local, _rank_file(base, f"torch_tp{tp}"), False)),
+                 ("save torch+fsync", lambda: _torch_save(local, _rank_file(base, f"torchsync_tp{tp}"), True)),
+                 ("save dcp", lambda: dcp.save(dcp_state, checkpoint_id=str(dcp_dir)))]
+        for name, fn in saves[r % 4:] + saves[:r % 4]:  # rotate the order: noise hits all alike
+            record(name, fn)
+    for r in range(repeats if same_tp else 0):
+        loads = [("load ours", lambda: dc.load(request, ours)),
+                 ("load torch", lambda: torch.load(_rank_file(base, f"torch_tp{tp}"), weights_only=True)),
+                 ("load dcp", lambda: dcp.load(dcp_dest, checkpoint_id=str(dcp_dir)))]
+        for name, fn in loads[r % 3:] + loads[:r % 3]:
+            record(name, fn)
+    if reshard_from is not None:
+        for _ in range(repeats):
+            record(f"reshard ours {reshard_from}->{tp}", lambda: dc.load(request, base / f"ours_tp{reshard_from}"))
+            record(f"reshard dcp {reshard_from}->{tp}",
+                   lambda: dcp.load(dcp_dest, checkpoint_id=str(base / f"dcp_tp{reshard_from}")))
+    return {"times": times, "shard_bytes": shard_bytes}
+
+
+def memory_rank(tp: int, root: str, method: str, src_tp: int) -> float:
+    """In a fresh process (allocator state matters): peak extra memory of one load / this rank's shard."""
+    import torch.distributed.checkpoint as dcp
+
+    ps.initialize_model_parallel(tp)
+    model = gpt2_small(tp)
+    sharded = model.sharded_state_dict()
+    shard_bytes = sum(v.data.numel() * v.data.element_size() for v in sharded.values())
+    base = Path(root)
+    if method == "ours":
+        _, extra = peak_extra_bytes(lambda: dc.load(sharded, base / f"ours_tp{src_tp}"))
+    elif method == "torch":
+        _, extra = peak_extra_bytes(lambda: torch.load(_rank_file(base, f"torch_tp{tp}"), weights_only=True))
+    else:
+        dest = _dcp_state(sharded, empty=True)
+        _, extra = peak_extra_bytes(lambda: dcp.load(dest, checkpoint_id=str(base / f"dcp_tp{src_tp}")))
+    return extra / shard_bytes
+
+
+# ----------------------------------------------------------------------------------- fresh process
+def first_save(method: str, directory: str) -> None:
+    """In this fresh process: build the TP=1 model (not timed), time the first save; print JSON."""
+    model = gpt2_small(1)
+    sharded = model.sharded_state_dict()
+    local = {k: v.data for k, v in sharded.items()}
+    t0 = time.perf_counter()
+    if method == "ours":
+        dc.save(sharded, Path(directory) / "first_ours")
+    elif method == "torch":
+        _torch_save(local, Path(directory) / "first_torch.pt", False)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(local, checkpoint_id=str(Path(directory) / "first_dcp"))
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def fresh_first_save(method: str, directory: Path) -> float:
+    out = subprocess.run([sys.executable, __file__, "--first-save", method, "--dir", str(directory)],
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+
+
+# ----------------------------------------------------------------------------------- report
+def _fmt(values: list[float]) -> str:
+    return f"{min(values):.3f} ({statistics.median(values):.3f})"
+
+
+def _ratio(a: list[float], b: list[float]) -> str:
+    return f"{min(a) / min(b):.2f}x"
+
+
+def report(results: dict[int, dict[str, Any]], first: dict[str, list[float]], memory: dict[str, float],
+           repeats: int) -> str:
+    t1, t2 = results[1]["times"], results[2]["times"]
+    rows = [("| setting | ours | torch.save / torch.load | DCP | ours / torch | ours / DCP |"),
+            ("|---|---|---|---|---|---|")]
+
+    def row(label: str, ours: list[float], torch_: list[float] | None, dcp_: list[float] | None) -> None:
+        rows.append(f"| {label} | {_fmt(ours)} | {_fmt(torch_) if torch_ else '-'} | {_fmt(dcp_) if dcp_ else '-'} | "
+                    f"{_ratio(ours, torch_) if torch_ else '-'} | {_ratio(ours, dcp_) if dcp_ else '-'} |")
+
+    row("TP=1 first save, fresh process", first["ours"], first["torch"], first["dcp"])
+    for tp, t in ((1, t1), (2, t2)):
+        row(f"TP={tp} save (steady)", t["save ours"], t["save torch"], t["save dcp"])
+        row(f"TP={tp} save vs torch.save + fsync", t["save ours"], t["save torch+fsync"], None)
+        row(f"TP={tp} load (same TP)", t["load ours"], t["load torch"], t["load dcp"])
+    row("TP=2 -> TP=1 load (reshard)", t1["reshard ours 2->1"], None, t1["reshard dcp 2->1"])
+    row("TP=1 -> TP=2 load (reshard)", t2["reshard ours 1->2"], None, t2["reshard dcp 1->2"])
+    lines = [
+        f"Seconds, min (median) of {repeats} runs; wall time between barriers. torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs.",
+        "",
+        *rows,
+        "",
+        f"- resharding load TP=2 -> TP=1 / same-TP load at TP=1: "
+        f"{min(t1['reshard ours 2->1']) / min(t1['load ours']):.2f}x (target <= 1.5x)",
+        f"- peak extra memory during load / rank shard ({results[1]['shard_bytes'] / 2**20:.0f} MiB at TP=1, "
+        f"{results[2]['shard_bytes'] / 2**20:.0f} MiB at TP=2), each in a fresh process: ours "
+        f"{memory['ours 1->1']:.2f}x (TP=1), {memory['ours 2->2']:.2f}x (TP=2, max over ranks), "
+        f"{memory['ours 2->1']:.2f}x (TP=2 -> TP=1); torch.load {memory['torch 1->1']:.2f}x; DCP (in place, into "
+        f"preallocated tensors) {memory['dcp 1->1']:.2f}x (target <= 1.2x)",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--first-save", choices=["ours", "torch", "dcp"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # A fixed mmap threshold makes glibc map (and unmap) every allocation >= 1 MiB: freed memory is
+    # returned, so peak RSS counts what a load really allocates (the forkserver inherits this).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    if args.first_save:
+        first_save(args.first_save, str(args.dir))
+        return
+    root = Path(tempfile.mkdtemp(prefix="ckpt_bench-", dir=args.dir))
+    try:
+        first: dict[str, list[float]] = {m: [] for m in ("ours", "torch", "dcp")}
+        for _ in range(args.repeats):
+            for method in first:
+                first[method].append(fresh_first_save(method, root))
+                for p in root.glob("first_*"):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        results = {2: run_distributed(bench_rank, 2, 2, str(root), args.repeats, None, tmp_dir=root, timeout=1800)[0]}
+        results[1] = run_distributed(bench_rank, 1, 1, str(root), args.repeats, 2, tmp_dir=root, timeout=1800)[0]
+        reshard = run_distributed(bench_rank, 2, 2, str(root), args.repeats, 1, False, tmp_dir=root, timeout=1800)[0]
+        results[2]["times"].update(reshard["times"])
+        memory = {f"{method} {src}->{tp}": max(run_distributed(memory_rank, tp, tp, str(root), method, src, tmp_dir=root))
+                  for method, src, tp in (("ours", 1, 1), ("ours", 2, 2), ("ours", 2, 1), ("torch", 1, 1),
+                                          ("dcp", 1, 1))}
+        print(report(results, first, memory, args.repeats))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
