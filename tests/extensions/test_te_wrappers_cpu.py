@@ -114,6 +114,24 @@ def test_te_activation_in_the_llama_mlp(te: ModuleType) -> None:
     model.load_state_dict(local_to_te_state_dict(reference.state_dict()), strict=True)
 
 
+def test_replicated_te_linear(te: ModuleType) -> None:
+    """``TELinear(parallel_mode=None)``: a whole weight on every rank, bias returned when skipped."""
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2)
+    torch.manual_seed(0)
+    layer = te.TELinear(16, 8, parallel_mode=None, config=config, init_method=config.init_method, bias=True,
+                        skip_bias_add=True)
+    x = torch.randn(3, 2, 16)
+    out, bias = layer(x)
+    torch.testing.assert_close(out, x @ layer.weight.T)
+    assert bias is layer.bias
+    sharded = layer.sharded_state_dict("proj.")
+    assert sorted(sharded) == ["proj.bias", "proj.weight"]
+    assert sharded["proj.weight"].global_shape == (8, 16) and sharded["proj.weight"].axis_fragmentations == (1, 1)
+    with pytest.raises(ValueError, match="parallel_mode='diagonal'"):
+        te.TELinear(16, 8, parallel_mode="diagonal", config=config, init_method=config.init_method, bias=True,
+                    skip_bias_add=False)
+
+
 def test_fused_norm_refuses_post_norm_layers(te: ModuleType) -> None:
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, layernorm_position="post")
     with pytest.raises(ValueError, match="layernorm_position='post'"):
