@@ -12,7 +12,7 @@ loading) and the toolkit's split layout inside. Two helpers make that work:
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.distributed import ProcessGroup
@@ -21,7 +21,9 @@ from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.tensor_parallel.utils import TensorParallelError
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+_DTYPE_NAMES: dict[torch.dtype, DtypeName] = {
+    torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class UnsupportedArgumentError(ValueError):
@@ -66,7 +68,7 @@ def check_divisible(size: int, what: str) -> None:
         )
 
 
-def dtype_name(dtype: torch.dtype | None) -> str:
+def dtype_name(dtype: torch.dtype | None) -> DtypeName:
     """The config name of ``dtype`` (None -> the default dtype)."""
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in _DTYPE_NAMES:

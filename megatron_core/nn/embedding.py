@@ -53,6 +53,7 @@ class ParallelEmbedding(TorchLoadMixin, MegatronModule):
     num_embeddings: int
     embedding_dim: int
     dim: int | None
+    weight: torch.nn.Parameter
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ParallelEmbedding:
         if cls is ParallelEmbedding:

@@ -36,7 +36,7 @@ class Transformer(TorchLoadMixin, MegatronModule):
         device: Any = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(None)
-        layer_args = dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+        layer_args: dict[str, Any] = dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                           activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                           norm_first=norm_first, bias=bias, dtype=dtype)
         with torch.random.fork_rng(devices=[]):  # our layers' own draws are replaced below

@@ -19,7 +19,7 @@ and the feed-forward width are split across ranks; inputs and outputs stay whole
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from megatron_core.transformer.transformer_layer import TransformerLayer
 __all__ = ["TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer"]
 
 
-def _torch_layer_args(layer: torch.nn.Module) -> dict[str, Any]:
+def _torch_layer_args(layer: Any) -> dict[str, Any]:
     """Constructor arguments of a torch.nn encoder/decoder layer, read back from its modules."""
     return dict(
         d_model=layer.self_attn.embed_dim, nhead=layer.self_attn.num_heads,
@@ -73,7 +73,7 @@ class _DropInLayer(TorchLoadMixin, TransformerLayer):
             self.to(device)
 
     @classmethod
-    def from_torch(cls, layer: torch.nn.Module) -> Any:
+    def from_torch(cls, layer: Any) -> Any:
         """The drop-in twin of a ``torch.nn`` encoder/decoder layer, holding the same weights."""
         if not isinstance(layer, cls._torch_cls):
             raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_cls.__name__}; got {type(layer).__name__}")
@@ -81,7 +81,7 @@ class _DropInLayer(TorchLoadMixin, TransformerLayer):
             new = cls(**_torch_layer_args(layer))
         new.load_state_dict(layer.state_dict())
         new.train(layer.training)
-        return new.to(layer.linear1.weight.device)
+        return new.to(cast(Any, layer).linear1.weight.device)
 
     def masks(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool | None,
               sq: int, sk: int, like: torch.Tensor, unbatched: bool) -> AttentionMasks:
@@ -141,7 +141,7 @@ class TransformerDecoderLayer(_DropInLayer):
                           memory_masks: AttentionMasks) -> torch.Tensor:
         """``[T, N, E]`` and memory ``[S, N, E]`` -> ``[T, N, E]`` with prepared masks."""
         out, _ = TransformerLayer.forward(self, x, attention_mask=self_masks.mask, attention_bias=self_masks.bias,
-                                          context=memory, context_mask=memory_masks)
+                                          context=memory, context_mask=cast(Any, memory_masks))
         return out
 
     def decoder_masks(self, x: torch.Tensor, memory: torch.Tensor, unbatched: bool, tgt_mask: Any, memory_mask: Any,
@@ -190,7 +190,7 @@ class _Stack(TorchLoadMixin, MegatronModule):
                             f"got {type(layer).__name__}")
         super().__init__(layer.config)
         self.layers = torch.nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        for i, copied in enumerate(self.layers):  # 1-based global layer numbers, as TransformerBlock gives
+        for i, copied in enumerate(cast(list[Any], self.layers)):  # 1-based, as TransformerBlock numbers them
             copied.layer_number = copied.self_attention.layer_number = i + 1
         self.num_layers = num_layers
         self.final_layernorm = _our_norm(norm, layer.config)
@@ -220,10 +220,10 @@ class TransformerEncoder(_Stack):
     def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
         """``torch.nn.TransformerEncoder.forward``."""
-        first = self.layers[0]
+        first: Any = self.layers[0]
         x, unbatched = to_seq_first(src, first.batch_first)  # [L, N, E]
         masks = first.masks(mask, src_key_padding_mask, is_causal, x.shape[0], x.shape[0], x, unbatched)
-        for layer in self.layers:
+        for layer in cast(list[Any], self.layers):
             x = layer.forward_seq_first(x, masks)
         return from_seq_first(self._final(x), first.batch_first, unbatched)
 
@@ -243,11 +243,11 @@ class TransformerDecoder(_Stack):
         memory_is_causal: bool = False,
     ) -> torch.Tensor:
         """``torch.nn.TransformerDecoder.forward``."""
-        first = self.layers[0]
+        first: Any = self.layers[0]
         x, unbatched = to_seq_first(tgt, first.batch_first)  # [T, N, E]
         mem, _ = to_seq_first(memory, first.batch_first)  # [S, N, E]
         masks = first.decoder_masks(x, mem, unbatched, tgt_mask, memory_mask, tgt_key_padding_mask,
                                     memory_key_padding_mask, tgt_is_causal, memory_is_causal)
-        for layer in self.layers:
+        for layer in cast(list[Any], self.layers):
             x = layer.forward_seq_first(x, mem, *masks)
         return from_seq_first(self._final(x), first.batch_first, unbatched)

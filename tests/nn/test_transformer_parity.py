@@ -54,13 +54,14 @@ def _layout(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
 def test_encoder_layer_matches_torch(batch_first, norm_first):
     gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for (act_name, act), kind in itertools.product(ACTIVATIONS.items(), MASKS):
+    for act, kind in itertools.product(ACTIVATIONS.values(), MASKS):
         theirs = torch.nn.TransformerEncoderLayer(D, H, FF, 0.0, act, batch_first=batch_first, norm_first=norm_first)
         ours = mnn.TransformerEncoderLayer(D, H, FF, 0.0, act, batch_first=batch_first, norm_first=norm_first)
         attn_mask, padding, is_causal = _masks(kind, L, L, gen)
         x = _layout(torch.randn(N, L, D, generator=gen), batch_first)
         worst = max(worst, check_parity(
-            ours, theirs, lambda m, xs: m(xs[0], src_mask=attn_mask, src_key_padding_mask=padding, is_causal=is_causal),
+            ours, theirs, lambda m, xs, a=attn_mask, p=padding, c=is_causal: m(xs[0], src_mask=a, src_key_padding_mask=p,
+                                                                               is_causal=c),
             [x]))
     print(f"encoder layer batch_first={batch_first} norm_first={norm_first}: max diff {worst:.2e}")
 
@@ -68,16 +69,16 @@ def test_encoder_layer_matches_torch(batch_first, norm_first):
 @pytest.mark.parametrize("batch_first,norm_first", list(itertools.product([True, False], [True, False])))
 def test_decoder_layer_matches_torch(batch_first, norm_first):
     gen = torch.Generator().manual_seed(1)
-    for (act_name, act), kind in itertools.product(ACTIVATIONS.items(), MASKS):
+    for act, kind in itertools.product(ACTIVATIONS.values(), MASKS):
         theirs = torch.nn.TransformerDecoderLayer(D, H, FF, 0.0, act, batch_first=batch_first, norm_first=norm_first)
         ours = mnn.TransformerDecoderLayer(D, H, FF, 0.0, act, batch_first=batch_first, norm_first=norm_first)
         tgt_mask, tgt_padding, tgt_causal = _masks(kind, L, L, gen)
         memory_mask, memory_padding, _ = _masks(kind if kind != "causal" else "bool", L, S, gen)
         tgt = _layout(torch.randn(N, L, D, generator=gen), batch_first)
         memory = _layout(torch.randn(N, S, D, generator=gen), batch_first)
-        check_parity(ours, theirs, lambda m, xs: m(
-            xs[0], xs[1], tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_padding,
-            memory_key_padding_mask=memory_padding, tgt_is_causal=tgt_causal), [tgt, memory])
+        masks = dict(tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_padding,
+                     memory_key_padding_mask=memory_padding, tgt_is_causal=tgt_causal)
+        check_parity(ours, theirs, lambda m, xs, masks=masks: m(xs[0], xs[1], **masks), [tgt, memory])
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
