@@ -129,7 +129,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
         common["scheduler"] = scheduler.state_dict()
     sharded[RNG_KEY] = _rng_object(get_rng_state())
     dist_checkpointing.save(sharded, str(path), common_state_dict=common, overwrite=True)
-    logger.info("saved checkpoint %s", path)
+    logger.debug("saved checkpoint %s", path)
     return path
 
 
