@@ -7,7 +7,8 @@ as is; otherwise the q, k and v rows of the fused weight project their own input
 
 ``need_weights=True`` (torch's default) also returns the attention probabilities, computed
 separately from the output (they are not needed for it); they are averaged over, or gathered
-across, all heads of all ranks. Not supported (``UnsupportedArgumentError``): ``add_bias_kv``,
+across, all heads of all ranks. They are the probabilities before attention dropout (torch returns
+them after it; the two agree whenever dropout is off, e.g. in eval). Not supported (``UnsupportedArgumentError``): ``add_bias_kv``,
 ``add_zero_attn``, and ``kdim`` / ``vdim`` different from ``embed_dim``.
 """
 

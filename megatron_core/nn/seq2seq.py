@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -47,9 +48,11 @@ class Transformer(TorchLoadMixin, MegatronModule):
                 TransformerDecoderLayer(**layer_args), num_decoder_layers,
                 torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias))
         # torch.nn's initialisation, drawn as torch draws it: build the twin and load its parts.
-        twin = torch.nn.Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
-                                    dropout, F.relu, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
-                                    norm_first=norm_first, bias=bias)
+        with warnings.catch_warnings():  # torch's nested-tensor notes concern its layers, not ours
+            warnings.simplefilter("ignore")
+            twin = torch.nn.Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
+                                        dropout, F.relu, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                                        norm_first=norm_first, bias=bias)
         if custom_encoder is None:
             self.encoder.load_state_dict(twin.encoder.state_dict())
         if custom_decoder is None:
