@@ -1,11 +1,13 @@
-"""BERT (Hugging Face ``BertForPreTraining``) <-> our ``BertModel`` with the local BERT spec.
+"""BERT (Hugging Face ``BertForPreTraining`` / ``BertForMaskedLM``) <-> our ``BertModel`` with the local BERT spec.
 
 Mapping: post-norm LayerNorm layers (``layernorm_position="post"``) with the embedding norm,
 biases everywhere, learned absolute positions, token types (``type_vocab_size`` ->
 ``num_tokentypes``), separate ``query``/``key``/``value`` -> our per-head fused ``linear_qkv``, the
 MLM transform (``cls.predictions.transform`` -> ``lm_head``), the MLM decoder bias
 (``cls.predictions.bias`` -> ``output_layer.bias``), the pooler and the NSP head
-(``cls.seq_relationship`` -> ``binary_head``).
+(``cls.seq_relationship`` -> ``binary_head``). ``BertForMaskedLM`` has neither pooler nor NSP head:
+it maps to ``add_binary_head=False``, and ``to_hf`` builds whichever class the model's heads match
+(recorded in the config's ``architectures``).
 
 Untied decoders (``tie_word_embeddings=False``): Hugging Face then keeps ``cls.predictions.bias``
 as a separate parameter that its forward never reads (the decoder's own bias is used); ``to_hf``
@@ -45,11 +47,11 @@ _LAYER_PAIRS = (
 # (HF key, our key) outside the layers, weight and bias each.
 _HEAD_PAIRS = (
     ("bert.embeddings.LayerNorm", "embedding.layernorm"),
-    ("bert.pooler.dense", "pooler.dense"),
     ("cls.predictions.transform.dense", "lm_head.dense"),
     ("cls.predictions.transform.LayerNorm", "lm_head.layer_norm"),
-    ("cls.seq_relationship", "binary_head"),
 )
+_BINARY_PAIRS = (("bert.pooler.dense", "pooler.dense"), ("cls.seq_relationship", "binary_head"))
+_CLASS_FOR_BINARY_HEAD = {True: "BertForPreTraining", False: "BertForMaskedLM"}
 _EMBEDDINGS = (
     ("bert.embeddings.word_embeddings.weight", "embedding.word_embeddings.weight"),
     ("bert.embeddings.position_embeddings.weight", "embedding.position_embeddings.weight"),
@@ -58,10 +60,10 @@ _EMBEDDINGS = (
 
 
 class BertFamily(HFFamily):
-    """Converter for ``model_type="bert"`` (``BertForPreTraining``: MLM and NSP heads)."""
+    """Converter for ``model_type="bert"`` (``BertForPreTraining``: MLM + NSP heads; ``BertForMaskedLM``)."""
 
     model_type = "bert"
-    hf_model_classes = ("BertForPreTraining",)
+    hf_model_classes = ("BertForPreTraining", "BertForMaskedLM")
 
     # ------------------------------------------------------------------ configs
     def blueprint_from_hf(self, hf_config: Any) -> Blueprint:
@@ -103,8 +105,9 @@ class BertFamily(HFFamily):
         })
 
     def blueprint_from_hf_model(self, hf_model: Any) -> Blueprint:
-        """The config's blueprint, tied or not as the model's MLM decoder really is."""
+        """The config's blueprint, with the heads the model really has (NSP or not, decoder tied or not)."""
         blueprint = self.blueprint_from_hf(hf_model.config)
+        blueprint.model_kwargs["add_binary_head"] = hasattr(hf_model.cls, "seq_relationship")
         decoder = hf_model.cls.predictions.decoder.weight
         blueprint.model_kwargs["share_embeddings_and_output_weights"] = (
             decoder is hf_model.bert.embeddings.word_embeddings.weight
@@ -125,7 +128,6 @@ class BertFamily(HFFamily):
              f"kv_channels={cfg.kv_channels} * heads != hidden_size={cfg.hidden_size}"),
             (cfg.softmax_scale is None, f"softmax_scale={cfg.softmax_scale} (BERT: 1/sqrt(head_dim))"),
             (not cfg.qk_layernorm and not cfg.layernorm_zero_centered_gamma, "qk_layernorm / zero-centred gamma"),
-            (kw["add_binary_head"], "add_binary_head=False (BertForPreTraining has the NSP head)"),
             (kw["num_tokentypes"] > 0, "num_tokentypes=0 (BERT has token-type embeddings)"),
         ]
         failed = [why for ok, why in checks if not ok]
@@ -152,6 +154,7 @@ class BertFamily(HFFamily):
             is_decoder=False,
             add_cross_attention=False,
             tie_word_embeddings=kw["share_embeddings_and_output_weights"],
+            architectures=[_CLASS_FOR_BINARY_HEAD[bool(kw["add_binary_head"])]],
         )
         if template is None and base.get("pad_token_id", 0) is not None and base.get("pad_token_id", 0) >= kw["vocab_size"]:
             base["pad_token_id"] = None
@@ -180,11 +183,17 @@ class BertFamily(HFFamily):
         })
 
     def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
-        from transformers import BertForPreTraining
+        import transformers
 
-        return BertForPreTraining._from_config(hf_config, **kwargs)
+        architectures = getattr(hf_config, "architectures", None) or [_CLASS_FOR_BINARY_HEAD[True]]
+        name = architectures[0] if architectures[0] in self.hf_model_classes else _CLASS_FOR_BINARY_HEAD[True]
+        return getattr(transformers, name)._from_config(hf_config, **kwargs)
 
     # ------------------------------------------------------------------ state dicts
+    @staticmethod
+    def _head_pairs(blueprint: Blueprint) -> tuple[tuple[str, str], ...]:
+        return _HEAD_PAIRS + (_BINARY_PAIRS if blueprint.model_kwargs["add_binary_head"] else ())
+
     @staticmethod
     def _dims(cfg: TransformerConfig) -> dict[str, int]:
         assert cfg.kv_channels is not None
@@ -195,7 +204,7 @@ class BertFamily(HFFamily):
         cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
         take = KeyTaker(hf_state_dict, "bert state dict", ignore=("position_ids", "token_type_ids"))
         out: StateDict = {ours: take(hf) for hf, ours in _EMBEDDINGS}
-        for hf, ours in _HEAD_PAIRS:
+        for hf, ours in self._head_pairs(blueprint):
             for suffix in (".weight", ".bias"):
                 out[ours + suffix] = take(hf + suffix)
         for i in range(cfg.num_layers):
@@ -229,7 +238,7 @@ class BertFamily(HFFamily):
         cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
         take = KeyTaker(state_dict, "our BERT state dict", ignore=("_extra_state",))
         out: StateDict = {hf: take(ours) for hf, ours in _EMBEDDINGS}
-        for hf, ours in _HEAD_PAIRS:
+        for hf, ours in self._head_pairs(blueprint):
             for suffix in (".weight", ".bias"):
                 out[hf + suffix] = take(ours + suffix)
         for i in range(cfg.num_layers):

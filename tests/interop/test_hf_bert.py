@@ -1,4 +1,4 @@
-"""BERT (BertForPreTraining) <-> our BertModel: MLM, NSP and pooled outputs with padding, both ways; exact round trips."""
+"""BERT (BertForPreTraining, BertForMaskedLM) <-> our BertModel: MLM, NSP and pooled outputs with padding, both ways."""
 
 from __future__ import annotations
 
@@ -74,6 +74,21 @@ def test_bert_untied_relu_both_ways():
     assert_same_state(to_hf(ours).state_dict(), hf.state_dict(), "bert untied")
 
 
+def test_bert_for_masked_lm_both_ways():
+    config = bert().config
+    hf = perturb_(transformers.BertForMaskedLM._from_config(config, attn_implementation="sdpa").eval())
+    ours = from_hf(hf)
+    assert not ours.add_binary_head and ours.pooler is None
+    x = inputs()
+    with torch.no_grad():
+        logits, binary = ours(x["input_ids"], x["attention_mask"], x["token_type_ids"])
+        record("bert masked-lm MLM logits", logits, hf(**x).logits)
+    assert binary is None
+    back = to_hf(ours)
+    assert type(back).__name__ == "BertForMaskedLM"
+    assert_same_state(back.state_dict(), hf.state_dict(), "bert masked-lm")
+
+
 def test_our_bert_from_spec_to_hf_and_back():
     from megatron_core.models.bert import BertModel
     from specs.bert import bert_config, get_bert_layer_local_spec
@@ -111,4 +126,4 @@ def test_unrepresentable_bert_is_refused():
     with pytest.raises(HFInteropError, match="post-norm"):
         to_hf(prenorm, model_type="bert")
     with pytest.raises(HFInteropError, match="BertForPreTraining"):
-        from_hf(transformers.BertForMaskedLM(bert().config))
+        from_hf(transformers.BertForSequenceClassification(bert().config))
