@@ -43,6 +43,7 @@ def _overrides(out: Path) -> list[str]:
         f"training.save_dir={out / 'checkpoints'}",
         f"training.metrics_file={out / 'metrics.jsonl'}",
         "training.resume=false",
+        "training.device=cpu",  # the CPU demo everywhere: gloo, even where a GPU is present
     ]
 
 

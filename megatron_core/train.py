@@ -32,11 +32,16 @@ from megatron_core.training.run_config import RunConfig, build_datasets, build_m
 logger = logging.getLogger("megatron_core.train")
 
 
-def init_distributed() -> bool:
-    """Join the process group described by torchrun's variables; True when this call created it."""
+def init_distributed(device: str = "auto") -> bool:
+    """Join the process group described by torchrun's variables; True when this call created it.
+
+    NCCL when this rank gets a GPU of its own (``device`` "auto" or "cuda" and at least one GPU per
+    local rank), else gloo on CPU.
+    """
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False
-    if torch.cuda.is_available():
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                         help="override one entry, e.g. training.train_iters=50 (repeatable)")
     args = parser.parse_args(argv)
     run = RunConfig.from_yaml(args.config, args.overrides)
-    created = init_distributed()
+    created = init_distributed(run.training.device)
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

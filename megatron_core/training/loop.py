@@ -47,9 +47,16 @@ def language_model_step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Ten
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    """``"auto"``: this rank's GPU when CUDA is usable (NCCL, or no process group), else the CPU.
+
+    Under a gloo process group the collectives run on CPU tensors, so "auto" means CPU there.
+    """
+    if name != "auto":
+        return torch.device(name)
+    gloo = dist.is_available() and dist.is_initialized() and dist.get_backend() != "nccl"
+    if torch.cuda.is_available() and not gloo:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _is_rank0() -> bool:
