@@ -48,3 +48,14 @@ def test_tied_head_keeps_its_bias():
     assert "output_layer.bias" in keys and "output_layer.weight" not in keys
     ids = torch.randint(0, VOCAB, (B, S))
     assert model(ids, torch.arange(S).expand(B, S), None).shape == (B, S, VOCAB)
+
+
+def test_zoo_specs_survive_a_yaml_round_trip():
+    from megatron_core.transformer.spec_utils import spec_from_yaml, spec_to_dict, spec_to_yaml
+    from specs.bert import get_bert_layer_local_spec
+    from specs.t5 import get_t5_decoder_layer_local_spec, get_t5_encoder_layer_local_spec
+
+    for factory in (get_gptj_layer_local_spec, get_bert_layer_local_spec, get_t5_encoder_layer_local_spec,
+                    get_t5_decoder_layer_local_spec):
+        spec = factory()
+        assert spec_to_dict(spec_from_yaml(spec_to_yaml(spec))) == spec_to_dict(spec), factory.__name__
