@@ -122,8 +122,18 @@ class Trainer:
         common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", 0))
+        self._truncate_metrics()
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return path
+
+    def _truncate_metrics(self) -> None:
+        # A run that died after its last checkpoint logged iterations that will now run again.
+        path = Path(self.settings.metrics_file) if self.settings.metrics_file else None
+        if path is None or not path.is_file() or not _is_rank0():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration]
+        path.write_text("".join(f"{line}\n" for line in kept))
 
     def save(self) -> Path:
         if not self.settings.save_dir:

@@ -28,6 +28,8 @@ def test_train_entry_point_trains_saves_and_resumes(tmp_path):
     assert latest_checkpoint(tmp_path / "ckpt").name == "iter_0000004"
     saved = RunConfig.model_validate(yaml.safe_load((tmp_path / "ckpt" / "run_config.yaml").read_text()))
     assert saved.data.seq_length == 16 and saved.transformer["hidden_size"] == 64
+    with (tmp_path / "m.jsonl").open("a") as f:  # as if the first run had died after iteration 4's checkpoint
+        f.write('{"iteration": 5, "loss": 9.0}\n')
     second = main(_args(tmp_path, 6))
     assert second.start_iteration == 4 and second.iteration == 6 and len(second.losses) == 2
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
