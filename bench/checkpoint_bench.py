@@ -133,7 +133,7 @@ def bench_rank(tp: int, root: str, repeats: int, reshard_from: int | None, same_
     shard_bytes = sum(t.numel() * t.element_size() for t in local.values())
     dcp_state = _dcp_state(sharded)
     times: dict[str, list[float]] = {}
-    ours, dcp_dir = base / f"ours_tp{tp}", base / f"dcp_tp{tp}"
+    ours, dcp_dir = base / f"ours_tp{tp}_r0", base / f"dcp_tp{tp}_r0"
 
     def record(name: str, fn: Callable[[], Any]) -> None:
         times.setdefault(name, []).append(timed(fn))
@@ -141,27 +141,24 @@ def bench_rank(tp: int, root: str, repeats: int, reshard_from: int | None, same_
     request = model.sharded_state_dict()
     dcp_dest = _dcp_state(sharded, empty=True)
     for r in range(repeats if same_tp else 0):
-        if dist.get_rank() == 0:
-            for p in (ours, dcp_dir):
-                shutil.rmtree(p, ignore_errors=True)
-        _barrier()
-        saves = [("save ours", lambda: dc.save(sharded, ours)),
-                 ("save torch", lambda: _torch_save(local, _rank_file(base, f"torch_tp{tp}"), False)),
-                 ("save torch+fsync", lambda: _torch_save(local, _rank_file(base, f"torchsync_tp{tp}"), True)),
-                 ("save dcp", lambda: dcp.save(dcp_state, checkpoint_id=str(dcp_dir)))]
+        # every repeat writes new files (deleting old ones would load the disk during later timings)
+        saves = [("save ours", lambda r=r: dc.save(sharded, base / f"ours_tp{tp}_r{r}")),
+                 ("save torch", lambda r=r: _torch_save(local, _rank_file(base, f"torch_tp{tp}_r{r}"), False)),
+                 ("save torch+fsync", lambda r=r: _torch_save(local, _rank_file(base, f"torchsync_tp{tp}_r{r}"), True)),
+                 ("save dcp", lambda r=r: dcp.save(dcp_state, checkpoint_id=str(base / f"dcp_tp{tp}_r{r}")))]
         for name, fn in saves[r % 4:] + saves[:r % 4]:  # rotate the order: noise hits all alike
             record(name, fn)
     for r in range(repeats if same_tp else 0):
         loads = [("load ours", lambda: dc.load(request, ours)),
-                 ("load torch", lambda: torch.load(_rank_file(base, f"torch_tp{tp}"), weights_only=True)),
+                 ("load torch", lambda: torch.load(_rank_file(base, f"torch_tp{tp}_r0"), weights_only=True)),
                  ("load dcp", lambda: dcp.load(dcp_dest, checkpoint_id=str(dcp_dir)))]
         for name, fn in loads[r % 3:] + loads[:r % 3]:
             record(name, fn)
     if reshard_from is not None:
         for _ in range(repeats):
-            record(f"reshard ours {reshard_from}->{tp}", lambda: dc.load(request, base / f"ours_tp{reshard_from}"))
+            record(f"reshard ours {reshard_from}->{tp}", lambda: dc.load(request, base / f"ours_tp{reshard_from}_r0"))
             record(f"reshard dcp {reshard_from}->{tp}",
-                   lambda: dcp.load(dcp_dest, checkpoint_id=str(base / f"dcp_tp{reshard_from}")))
+                   lambda: dcp.load(dcp_dest, checkpoint_id=str(base / f"dcp_tp{reshard_from}_r0")))
     return {"times": times, "shard_bytes": shard_bytes}
 
 
@@ -175,12 +172,12 @@ def memory_rank(tp: int, root: str, method: str, src_tp: int) -> float:
     shard_bytes = sum(v.data.numel() * v.data.element_size() for v in sharded.values())
     base = Path(root)
     if method == "ours":
-        _, extra = peak_extra_bytes(lambda: dc.load(sharded, base / f"ours_tp{src_tp}"))
+        _, extra = peak_extra_bytes(lambda: dc.load(sharded, base / f"ours_tp{src_tp}_r0"))
     elif method == "torch":
-        _, extra = peak_extra_bytes(lambda: torch.load(_rank_file(base, f"torch_tp{tp}"), weights_only=True))
+        _, extra = peak_extra_bytes(lambda: torch.load(_rank_file(base, f"torch_tp{tp}_r0"), weights_only=True))
     else:
         dest = _dcp_state(sharded, empty=True)
-        _, extra = peak_extra_bytes(lambda: dcp.load(dest, checkpoint_id=str(base / f"dcp_tp{src_tp}")))
+        _, extra = peak_extra_bytes(lambda: dcp.load(dest, checkpoint_id=str(base / f"dcp_tp{src_tp}_r0")))
     return extra / shard_bytes
 
 
@@ -206,6 +203,15 @@ def fresh_first_save(method: str, directory: Path) -> float:
     out = subprocess.run([sys.executable, __file__, "--first-save", method, "--dir", str(directory)],
                          capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def fresh_memory(method: str, src_tp: int, tp: int, directory: Path) -> float:
+    """``memory_rank`` in new processes whose glibc maps (and unmaps) every allocation >= 1 MiB:
+    freed memory is returned at once, so the peak RSS counts what a load really allocates."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run([sys.executable, __file__, "--memory", method, str(src_tp), str(tp), "--dir", str(directory)],
+                         capture_output=True, text=True, check=True, env=env)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["ratio"])
 
 
 # ----------------------------------------------------------------------------------- report
@@ -256,12 +262,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--first-save", choices=["ours", "torch", "dcp"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=3, metavar=("METHOD", "SRC_TP", "TP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # A fixed mmap threshold makes glibc map (and unmap) every allocation >= 1 MiB: freed memory is
-    # returned, so peak RSS counts what a load really allocates (the forkserver inherits this).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     if args.first_save:
         first_save(args.first_save, str(args.dir))
+        return
+    if args.memory:
+        method, src, tp = args.memory[0], int(args.memory[1]), int(args.memory[2])
+        print(json.dumps({"ratio": max(run_distributed(memory_rank, tp, tp, str(args.dir), method, src,
+                                                       tmp_dir=args.dir))}))
         return
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench-", dir=args.dir))
     try:
@@ -275,7 +284,7 @@ def main() -> None:
         results[1] = run_distributed(bench_rank, 1, 1, str(root), args.repeats, 2, tmp_dir=root, timeout=1800)[0]
         reshard = run_distributed(bench_rank, 2, 2, str(root), args.repeats, 1, False, tmp_dir=root, timeout=1800)[0]
         results[2]["times"].update(reshard["times"])
-        memory = {f"{method} {src}->{tp}": max(run_distributed(memory_rank, tp, tp, str(root), method, src, tmp_dir=root))
+        memory = {f"{method} {src}->{tp}": fresh_memory(method, src, tp, root)
                   for method, src, tp in (("ours", 1, 1), ("ours", 2, 2), ("ours", 2, 1), ("torch", 1, 1),
                                           ("dcp", 1, 1))}
         print(report(results, first, memory, args.repeats))
