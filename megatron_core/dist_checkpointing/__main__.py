@@ -20,8 +20,8 @@ import torch
 from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
 from megatron_core.dist_checkpointing.planner import box_of, plan_reads
-from megatron_core.dist_checkpointing.serialization import read_torch_file
 from megatron_core.dist_checkpointing.tensorstore_io import TensorReader, check_chunk_files
+from megatron_core.dist_checkpointing.torch_files import read_torch_file
 
 
 def _human(n: float) -> str:
