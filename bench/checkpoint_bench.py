@@ -181,6 +181,39 @@ def memory_rank(tp: int, root: str, method: str, src_tp: int) -> float:
     return extra / shard_bytes
 
 
+# ----------------------------------------------------------------------------------- bytes read
+def _rchar() -> int:
+    return int(Path("/proc/self/io").read_text().split()[1])  # "rchar: N": bytes read by syscalls
+
+
+def bytes_read_quarter(directory: Path) -> dict[str, float]:
+    """MiB a TP=4 rank reads from a TP=1 checkpoint (a quarter of every tensor, along axis 0 for
+    column-parallel-like and axis 1 for row-parallel-like weights), with and without inner chunks."""
+    from megatron_core.dist_checkpointing import serialization
+
+    model = gpt2_small(1)
+    sharded = model.sharded_state_dict()
+    request = {}
+    needed = 0
+    for key, st in sharded.items():
+        axis = 1 if "linear_proj.weight" in key or "linear_fc2.weight" in key else 0
+        piece = st.data.chunk(4, axis)[0]
+        request[key] = dc.ShardedTensor.from_rank_offsets(key, torch.empty_like(piece), (axis, 0, 4))
+        needed += piece.numel() * piece.element_size()
+    out = {"needed": needed / 2**20}
+    real = serialization.choose_inner_chunk_shape
+    for name, inner in (("ours", real), ("no inner chunks", lambda chunk, *a, **k: tuple(chunk))):
+        serialization.choose_inner_chunk_shape = inner
+        try:
+            dc.save(sharded, directory / f"quarter_{name}")
+        finally:
+            serialization.choose_inner_chunk_shape = real
+        before = _rchar()
+        dc.load(request, directory / f"quarter_{name}")
+        out[name] = (_rchar() - before) / 2**20
+    return out
+
+
 # ----------------------------------------------------------------------------------- fresh process
 def first_save(method: str, directory: str) -> None:
     """In this fresh process: build the TP=1 model (not timed), time the first save; print JSON."""
@@ -224,7 +257,7 @@ def _ratio(a: list[float], b: list[float]) -> str:
 
 
 def report(results: dict[int, dict[str, Any]], first: dict[str, list[float]], memory: dict[str, float],
-           repeats: int) -> str:
+           quarter: dict[str, float], repeats: int) -> str:
     t1, t2 = results[1]["times"], results[2]["times"]
     rows = [("| setting | ours | torch.save / torch.load | DCP | ours / torch | ours / DCP |"),
             ("|---|---|---|---|---|---|")]
@@ -253,6 +286,10 @@ def report(results: dict[int, dict[str, Any]], first: dict[str, list[float]], me
         f"{memory['ours 1->1']:.2f}x (TP=1), {memory['ours 2->2']:.2f}x (TP=2, max over ranks), "
         f"{memory['ours 2->1']:.2f}x (TP=2 -> TP=1); torch.load {memory['torch 1->1']:.2f}x; DCP (in place, into "
         f"preallocated tensors) {memory['dcp 1->1']:.2f}x (target <= 1.2x)",
+        f"- bytes a TP=4 rank reads from the TP=1 checkpoint (a quarter of each tensor): {quarter['ours']:.0f} MiB "
+        f"for {quarter['needed']:.0f} MiB needed ({quarter['ours'] / quarter['needed']:.2f}x); with one chunk per "
+        f"shard and no inner chunks: {quarter['no inner chunks']:.0f} MiB "
+        f"({quarter['no inner chunks'] / quarter['needed']:.2f}x)",
     ]
     return "\n".join(lines)
 
@@ -287,7 +324,8 @@ def main() -> None:
         memory = {f"{method} {src}->{tp}": fresh_memory(method, src, tp, root)
                   for method, src, tp in (("ours", 1, 1), ("ours", 2, 2), ("ours", 2, 1), ("torch", 1, 1),
                                           ("dcp", 1, 1))}
-        print(report(results, first, memory, args.repeats))
+        quarter = bytes_read_quarter(root)
+        print(report(results, first, memory, quarter, args.repeats))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
