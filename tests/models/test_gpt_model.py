@@ -134,3 +134,17 @@ def test_a_few_adamw_steps_reduce_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_same_seed_gives_the_same_weights_in_every_params_dtype(dtype):
+    # Every weight is drawn in fp32 and cast, so a bf16 model is the fp32 one rounded (on GPU, torch
+    # 2.11 drew a bf16 position table from a different stream before this was enforced).
+    torch.manual_seed(3)
+    full = GPTModel(_gpt_config(), get_gpt_layer_local_spec(), VOCAB, 32)
+    torch.manual_seed(3)
+    low = GPTModel(_gpt_config(params_dtype=dtype), get_gpt_layer_local_spec(), VOCAB, 32)
+    expected = full.state_dict()
+    for name, tensor in low.state_dict().items():
+        assert tensor.dtype == getattr(torch, dtype), name
+        assert torch.equal(tensor, expected[name].to(tensor.dtype)), name

@@ -22,10 +22,12 @@ PositionEmbeddingType = Literal["learned_absolute", "rope", "none"]
 
 
 def _replicated_embedding(num: int, dim: int, config: Any) -> torch.nn.Embedding:
-    weight = torch.empty(num, dim, dtype=config.torch_dtype)
+    # Drawn in fp32 and cast, as the parallel layers do: the same seed then gives the same weights
+    # in every params_dtype (a bf16 draw consumes the RNG differently on some torch versions).
+    weight = torch.empty(num, dim, dtype=torch.float32)
     if config.perform_initialization:
         config.init_method(weight)
-    return torch.nn.Embedding(num, dim, _weight=weight)
+    return torch.nn.Embedding(num, dim, _weight=weight.to(config.torch_dtype))
 
 
 class LanguageModelEmbedding(MegatronModule):
