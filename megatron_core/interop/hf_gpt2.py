@@ -19,6 +19,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import (
     HF_ACTIVATIONS,
     GPTModelFamily,
+    drop_token_ids_outside_vocab,
     hf_activation_to_ours,
     ours_activation_to_hf,
 )
@@ -29,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 # Buffers that older transformers versions saved in GPT-2 attention modules (causal mask, -1e4).
 _IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# GPT2Config's default bos/eos token id (GPT-2's <|endoftext|>).
-_GPT2_DEFAULT_TOKEN_ID = 50256
 
 
 class GPT2Family(GPTModelFamily):
@@ -142,15 +141,8 @@ class GPT2Family(GPTModelFamily):
         )
         if template is None:
             # GPT2Config defaults to GPT-2's token ids (50256), invalid in a smaller vocabulary.
-            for name in ("bos_token_id", "eos_token_id"):
-                if base.get(name, _GPT2_DEFAULT_TOKEN_ID) >= kw["vocab_size"]:
-                    base[name] = None
+            drop_token_ids_outside_vocab(base, kw["vocab_size"])
         return GPT2Config.from_dict(base)
-
-    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
-        from transformers import GPT2LMHeadModel
-
-        return GPT2LMHeadModel._from_config(hf_config, **kwargs)
 
     # ------------------------------------------------------------------ state dicts
     def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from megatron_core.config import TransformerConfig
-from megatron_core.interop.gpt_family import GPTModelFamily, hf_activation_to_ours, ours_activation_to_hf
+from megatron_core.interop.gpt_family import (
+    GPTModelFamily,
+    drop_token_ids_outside_vocab,
+    hf_activation_to_ours,
+    ours_activation_to_hf,
+)
 from megatron_core.interop.layouts import fuse_qkv, split_qkv
 from megatron_core.interop.registry import (
     Blueprint,
@@ -29,7 +34,6 @@ from megatron_core.interop.registry import (
 
 _IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias", "embed_positions")
 _GPTJ_ROTARY_BASE = 10000.0
-_GPT2_DEFAULT_TOKEN_ID = 50256  # GPTJConfig's default bos/eos ids (GPT-2's <|endoftext|>)
 
 
 def _rotary_percent(rotary_dim: int | None, head_dim: int) -> float:
@@ -156,15 +160,8 @@ class GPTJFamily(GPTModelFamily):
             tie_word_embeddings=kw["share_embeddings_and_output_weights"],
         )
         if template is None:
-            for name in ("bos_token_id", "eos_token_id"):
-                if base.get(name, _GPT2_DEFAULT_TOKEN_ID) >= kw["vocab_size"]:
-                    base[name] = None
+            drop_token_ids_outside_vocab(base, kw["vocab_size"])
         return GPTJConfig.from_dict(base)
-
-    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
-        from transformers import GPTJForCausalLM
-
-        return GPTJForCausalLM._from_config(hf_config, **kwargs)
 
     # ------------------------------------------------------------------ state dicts
     @staticmethod

@@ -143,11 +143,6 @@ class LlamaFamily(GPTModelFamily):
         )
         return LlamaConfig.from_dict(base)
 
-    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
-        from transformers import LlamaForCausalLM
-
-        return LlamaForCausalLM._from_config(hf_config, **kwargs)
-
     # ------------------------------------------------------------------ state dicts
     @staticmethod
     def _dims(cfg: TransformerConfig) -> dict[str, int]:

@@ -211,11 +211,6 @@ class T5Family(HFFamily):
             "relative_attention_max_distance": model.relative_attention_max_distance,
         })
 
-    def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
-        from transformers import T5ForConditionalGeneration
-
-        return T5ForConditionalGeneration._from_config(hf_config, **kwargs)
-
     def prepare_hf_model(self, hf_model: Any, blueprint: Blueprint) -> None:
         """Give the head its own weight when our model is untied (transformers 5 ties it at build)."""
         if blueprint.model_kwargs["share_embeddings_and_output_weights"]:

@@ -89,12 +89,15 @@ class HFFamily(ABC):
     def blueprint_of(self, model: torch.nn.Module) -> Blueprint:
         """Read the blueprint back from one of our models."""
 
-    @abstractmethod
     def build_hf_model(self, hf_config: Any, **kwargs: Any) -> torch.nn.Module:
         """The Hugging Face model for ``hf_config`` (random weights, nothing downloaded).
 
-        ``kwargs`` go to ``PreTrainedModel._from_config`` (``dtype``, ``attn_implementation``).
+        By default the family's first class in ``hf_model_classes``; ``kwargs`` go to
+        ``PreTrainedModel._from_config`` (``dtype``, ``attn_implementation``).
         """
+        import transformers
+
+        return getattr(transformers, self.hf_model_classes[0])._from_config(hf_config, **kwargs)
 
     def prepare_hf_model(self, hf_model: Any, blueprint: Blueprint) -> None:
         """Adjust a freshly built Hugging Face model to ``blueprint`` before its weights load.
