@@ -35,7 +35,7 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy megatron_core specs
 
 pytest: $(VENV)/.dev
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -rs
 
 test: lint typecheck pytest
 
