@@ -78,7 +78,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         hit = (~not_mine).to(grad.dtype) * (1.0 - eps)
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
         scale = grad_loss.float().masked_fill(ignored, 0.0)
-        grad = grad * scale.unsqueeze(-1)
+        grad.mul_(scale.unsqueeze(-1))  # in place: the [..., V/tp] buffer is the big one
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
