@@ -4,10 +4,15 @@ One process::
 
     python -m megatron_core.train --config examples/alphabet_gpt.yaml
 
-Several (tensor parallelism; gloo on CPU, NCCL on GPU, set up from torchrun's environment)::
+Several (gloo on CPU, NCCL on GPU, set up from torchrun's environment); the data-parallel size is
+what is left of the world after tensor x pipeline parallelism::
 
     torchrun --nproc_per_node 2 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
         --set parallel.tensor_model_parallel_size=2
+    torchrun --nproc_per_node 4 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
+        --set parallel.tensor_model_parallel_size=2 --set parallel.pipeline_model_parallel_size=2
+    torchrun --nproc_per_node 4 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
+        --set parallel.pipeline_model_parallel_size=2 --set training.zero=true   # PP=2 x DP=2, ZeRO-1
 
 ``--set section.key=value`` overrides one entry of the file (the value is read as YAML).
 Training resumes from the latest complete checkpoint in ``training.save_dir`` when there is one.
@@ -16,6 +21,7 @@ Training resumes from the latest complete checkpoint in ``training.save_dir`` wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +32,7 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import model_parallel_manual_seed
-from megatron_core.training.loop import Trainer, TrainResult
+from megatron_core.training.loop import Trainer, TrainResult, resolve_device
 from megatron_core.training.run_config import RunConfig, build_datasets, build_model
 
 logger = logging.getLogger("megatron_core.train")
@@ -55,14 +61,16 @@ def _rank() -> int:
 
 def run_training(run: RunConfig) -> TrainResult:
     """Set up parallel state, build model and data from ``run``, train; tears the parallel state down."""
-    if run.parallel.pipeline_model_parallel_size != 1:
-        raise ValueError(f"parallel.pipeline_model_parallel_size={run.parallel.pipeline_model_parallel_size}: the "
-                         "training loop runs without pipeline parallelism; set it to 1")
     parallel_state.initialize_model_parallel(run.parallel.tensor_model_parallel_size,
                                              run.parallel.pipeline_model_parallel_size)
     try:
-        model_parallel_manual_seed(run.training.seed)  # same full weights at any TP size
-        model = build_model(run)
+        # Same full weights at any TP size; each pipeline stage draws its own layers (as Megatron-LM does).
+        model_parallel_manual_seed(run.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+        # With pipelining the tied embedding is synced by a collective at build time: build on the device
+        # (NCCL cannot all-reduce CPU tensors).
+        pipelined = run.parallel.pipeline_model_parallel_size > 1
+        with torch.device(resolve_device(run.training.device)) if pipelined else contextlib.nullcontext():
+            model = build_model(run)
         train_data, valid_data = build_datasets(run.data, seed=run.training.seed)
         trainer = Trainer(model, run.training, train_data, valid_data,
                           checkpoint_extra={"run_config": run.model_dump(mode="json")})

@@ -56,7 +56,8 @@ def _single_model(model: torch.nn.Module | list[torch.nn.Module]) -> torch.nn.Mo
     return model
 
 
-def _pipeline_dtype(model: torch.nn.Module) -> torch.dtype:
+def pipeline_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the activations sent between stages: bf16/fp16 when the config says so, else params_dtype."""
     config = getattr(unwrap_model(model), "config", None)
     if getattr(config, "bf16", False):
         return torch.bfloat16
@@ -270,7 +271,7 @@ class _OneFOneB:
         self.forward_step_func, self.data_iterator, self.model = forward_step_func, data_iterator, model
         self.num_microbatches, self.shape = num_microbatches, shape
         self.forward_only, self.collect_non_loss_data = forward_only, collect_non_loss_data
-        self.dtype = _pipeline_dtype(model)
+        self.dtype = pipeline_dtype(model)
         self.comm = p2p.StageCommunicator(shape, self.dtype, _device(model))
         self.last = parallel_state.is_pipeline_last_stage()
         self.store: list[Any] = []

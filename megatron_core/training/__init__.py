@@ -1,4 +1,5 @@
-"""A small training loop for any model of the toolkit: AdamW, warmup + cosine, clipping, checkpoints."""
+"""A small training loop for any model of the toolkit: AdamW (or ZeRO-1), warmup + cosine, clipping, checkpoints,
+at any tensor x pipeline x data parallel layout."""
 
 from megatron_core.training.checkpointing import (
     latest_checkpoint,
@@ -6,12 +7,19 @@ from megatron_core.training.checkpointing import (
     load_model,
     save_checkpoint,
 )
-from megatron_core.training.loop import Trainer, TrainResult, language_model_step
+from megatron_core.training.loop import Trainer, TrainResult
 from megatron_core.training.optimizer import build_adamw, clip_grad_norm, finalize_grads, grad_norm_plan
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
+from megatron_core.training.steps import (
+    StagedStep,
+    language_model_forward,
+    language_model_step,
+    masked_token_loss,
+)
 
 __all__ = [
+    "StagedStep",
     "TrainResult",
     "Trainer",
     "TrainingSettings",
@@ -20,9 +28,11 @@ __all__ = [
     "clip_grad_norm",
     "finalize_grads",
     "grad_norm_plan",
+    "language_model_forward",
     "language_model_step",
     "latest_checkpoint",
     "load_checkpoint",
     "load_model",
+    "masked_token_loss",
     "save_checkpoint",
 ]

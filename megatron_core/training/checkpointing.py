@@ -9,6 +9,10 @@
   RNG tracker's states, Python's and NumPy's), restored only when the world size is unchanged;
 * the common state: iteration, consumed samples, scheduler, AdamW step, parallel sizes.
 
+The optimizer is plain AdamW or ZeRO-1 (``optimizer.DistributedOptimizer``, each data-parallel
+rank saving and loading the moments of the parameters it owns); both write the same keys, so a
+checkpoint of either resumes into either, at any (TP, PP, DP).
+
 A checkpoint is complete once its ``metadata.json`` exists (``dist_checkpointing`` writes it last),
 so ``latest_checkpoint`` skips a save that was interrupted.
 """
@@ -27,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.training.optimizer import (
     load_optimizer_state,
     model_sharded_state_dict,
@@ -103,6 +108,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(_numpy_state_from_plain(state["numpy"]))
 
 
+def _optimizer_sharded(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                       model_sd: ShardedStateDict) -> ShardedStateDict:
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.sharded_state_dict(model, model_sd)
+    return optimizer_sharded_state_dict(optimizer, model, model_sd)
+
+
+def _optimizer_common(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.common_state()  # a collective over the data-parallel group
+    return optimizer_common_state(optimizer)
+
+
 def _rng_object(data: Any) -> ShardedObject:
     world, rank = _world()
     return ShardedObject(RNG_KEY, data, global_shape=(world,), global_offset=(rank,), replica_id=0)
@@ -120,11 +138,13 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
         "iteration": iteration,
         "world_size": _world()[0],
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         **(extra_common or {}),
     }
     if optimizer is not None:
-        sharded.update(optimizer_sharded_state_dict(optimizer, model, model_sd))
-        common["optimizer"] = optimizer_common_state(optimizer)
+        sharded.update(_optimizer_sharded(optimizer, model, model_sd))
+        common["optimizer"] = _optimizer_common(optimizer)
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
     sharded[RNG_KEY] = _rng_object(get_rng_state())
@@ -152,7 +172,7 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     if optimizer is not None:
         if "optimizer" not in common:
             raise KeyError(f"{path}: holds no optimizer state (saved without one); load with optimizer=None")
-        sharded.update(optimizer_sharded_state_dict(optimizer, model, model_sd))
+        sharded.update(_optimizer_sharded(optimizer, model, model_sd))
     world = _world()[0]
     restore_rng = load_rng and common.get("world_size") == world
     if load_rng and not restore_rng:
@@ -164,7 +184,10 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     loaded = dist_checkpointing.load(sharded, str(path), strict="raise_missing")
     _copy_into_model(model, model_sd, loaded)
     if optimizer is not None:
-        load_optimizer_state(optimizer, model, model_sd, loaded, common["optimizer"])
+        if isinstance(optimizer, DistributedOptimizer):
+            optimizer.load_sharded_state_dict(model, model_sd, loaded, common["optimizer"])
+        else:
+            load_optimizer_state(optimizer, model, model_sd, loaded, common["optimizer"])
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if restore_rng:

@@ -2,7 +2,9 @@
 
 Works with any model of the toolkit whose ``forward(tokens, position_ids, attention_mask,
 labels=...)`` returns a per-token loss ``[b, s]`` (every language model here); other models plug in
-their own ``forward_step``.
+their own ``forward_step``. Under pipeline parallelism (PP > 1) each rank passes its stage and the
+micro-batches go through the 1F1B schedule (``training.pipeline``); tensor and data parallelism
+and ZeRO-1 (``settings.zero``) work at any pipeline size.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from megatron_core import parallel_state
 from megatron_core.data.loader import MicroBatchIterator
+from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_core.training.optimizer import (
     build_adamw,
@@ -29,21 +31,12 @@ from megatron_core.training.optimizer import (
     finalize_grads,
     grad_norm_plan,
 )
+from megatron_core.training.pipeline import PipelineRunner
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
+from megatron_core.training.steps import Batch, ForwardStep, language_model_step
 
 logger = logging.getLogger(__name__)
-
-Batch = dict[str, torch.Tensor]
-# (model, micro-batch) -> (sum of the per-token losses, number of tokens in that sum)
-ForwardStep = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
-
-
-def language_model_step(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked sum of a language model's per-token loss, and the number of tokens it covers."""
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s]
-    mask = batch["loss_mask"]
-    return (losses.float() * mask).sum(), mask.sum()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,11 +78,13 @@ class Trainer:
     """Owns the optimizer, the schedule and the data position of one training run.
 
     Args:
-        model: built on every rank (after ``parallel_state.initialize_model_parallel``).
+        model: built on every rank (after ``parallel_state.initialize_model_parallel``); under
+            pipeline parallelism this rank's stage (``pre_process`` / ``post_process`` set for it).
         settings: the loop's settings.
         train_data: map-style dataset of ``{tokens, labels, loss_mask}`` samples.
         valid_data: optional held-out dataset for periodic evaluation.
-        forward_step: how a micro-batch becomes a loss (default: language models).
+        forward_step: how a micro-batch becomes a loss (default: language models); a
+            :class:`~megatron_core.training.StagedStep` when PP > 1.
         checkpoint_extra: JSON-able values stored in every checkpoint's common state (e.g. the run config).
     """
 
@@ -102,15 +97,27 @@ class Trainer:
         self.train_data, self.valid_data = train_data, valid_data
         self.forward_step = forward_step
         self.checkpoint_extra = checkpoint_extra or {}
-        self.optimizer = build_adamw(model, settings.lr, settings.weight_decay,
-                                     (settings.adam_beta1, settings.adam_beta2), settings.adam_eps)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.optimizer = self._build_optimizer()
         self.scheduler = WarmupCosineScheduler(self.optimizer, settings.lr, settings.min_lr, settings.warmup_iters,
                                                settings.decay_iters)
         self.params, self.counted = grad_norm_plan(model)
+        # PP > 1: the schedule runs the micro-batches (and wraps the stage for data parallelism).
+        self.pipeline = (PipelineRunner(self.model, forward_step, self._autocast)
+                         if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None)
         self.iteration = 0
         self.consumed_samples = 0
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; with ``settings.zero`` and data parallelism, ZeRO-1 (state split over the DP ranks)."""
+        s = self.settings
+        betas = (s.adam_beta1, s.adam_beta2)
+        if s.zero and self.dp_size > 1:
+            return DistributedOptimizer(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
+        if s.zero:
+            logger.info("training.zero: data-parallel size is 1, nothing to shard; plain AdamW")
+        return build_adamw(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self, checkpoint: str | Path | None = None) -> Path | None:
@@ -156,13 +163,17 @@ class Trainer:
         local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
         # Normalise by the global token count so accumulation and data parallelism average per token.
         total_tokens = _dp_sum(torch.as_tensor(local_tokens, dtype=torch.float64, device=self.device)).clamp(min=1)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in micro_batches:
-            with self._autocast():
-                summed, _ = self.forward_step(self.model, self._to_device(mb))
-            (summed / total_tokens.float()).backward()
-            loss_sum += summed.detach().double()
-        finalize_grads(self.model, self.params)
+        if self.pipeline is not None:
+            # The schedule's finalize_model_grads has reduced over DP, TP and the tied embedding.
+            loss_sum = self.pipeline.run([self._to_device(mb) for mb in micro_batches], total_tokens)[0].clone()
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            for mb in micro_batches:
+                with self._autocast():
+                    summed, _ = self.forward_step(self.model, self._to_device(mb))
+                (summed / total_tokens.float()).backward()
+                loss_sum += summed.detach().double()
+            finalize_grads(self.model, self.params)
         grad_norm = clip_grad_norm(self.params, self.counted, self.settings.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
@@ -176,11 +187,14 @@ class Trainer:
         self.model.eval()
         batches = MicroBatchIterator(self.valid_data, self.settings.micro_batch_size, dp_rank=self.dp_rank,
                                      dp_size=self.dp_size, shuffle=False)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for _ in range(self.settings.eval_iters):
-            with self._autocast():
-                summed, count = self.forward_step(self.model, self._to_device(next(batches)))
-            totals += torch.stack([summed.double(), count.double()])
+        if self.pipeline is not None:
+            totals = self.pipeline.run([self._to_device(next(batches)) for _ in range(self.settings.eval_iters)])
+        else:
+            totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for _ in range(self.settings.eval_iters):
+                with self._autocast():
+                    summed, count = self.forward_step(self.model, self._to_device(next(batches)))
+                totals += torch.stack([summed.double(), count.double()])
         _dp_sum(totals)
         self.model.train()
         return float(totals[0] / totals[1].clamp(min=1))

@@ -7,7 +7,9 @@ per-layer knowledge:
 * a parameter cut into fragments is a *shard*: every TP rank holds a different piece and counts it
   in the gradient norm;
 * a parameter whole on every TP rank (norms, row-parallel biases) is *replicated*: its gradient is
-  identical on every TP rank (the model's collectives guarantee it), so only TP rank 0 counts it.
+  identical on every TP rank (the model's collectives guarantee it), so only TP rank 0 counts it;
+* a parameter another pipeline stage also holds (the last stage's copy of the tied word embedding,
+  stored as a non-main replica along the pipeline axis) is counted by the first stage only.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def is_tensor_parallel_shard(entry: Any) -> bool:
     return any(f > 1 for f in fragments[entry.prepend_axis_num:])
 
 
+def is_pipeline_copy(entry: Any) -> bool:
+    """True for a copy of a parameter that another pipeline stage owns (replica id ``(1, ...)``)."""
+    replica = getattr(entry, "replica_id", 0)
+    return isinstance(replica, tuple) and len(replica) > 0 and replica[0] != 0
+
+
 def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = None,
                    ) -> tuple[list[torch.nn.Parameter], list[bool]]:
     """The trainable parameters, and per parameter: does this rank count it in the global norm?"""
@@ -85,16 +93,17 @@ def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = N
     params, flags = [], []
     for _, param, entry in _param_entries(model, model_sd):
         params.append(param)
-        flags.append(is_tensor_parallel_shard(entry) or tp_rank == 0)
+        flags.append((is_tensor_parallel_shard(entry) or tp_rank == 0) and not is_pipeline_copy(entry))
     return params, flags
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], counted: list[bool], max_norm: float) -> float:
     """Global L2 norm of the gradients over all model-parallel ranks; scale them to ``max_norm``.
 
-    At TP=1 this is exactly ``torch.nn.utils.clip_grad_norm_``; at TP>1 the local norms of the
-    counted gradients are summed (squared) over the model-parallel group first, so every rank
-    computes the same norm and applies the same scale. ``max_norm <= 0`` only measures.
+    At TP=1 and PP=1 this is exactly ``torch.nn.utils.clip_grad_norm_``; otherwise the local norms
+    of the counted gradients are summed (squared) over the model-parallel group (every TP rank of
+    every pipeline stage of one replica) first, so every rank computes the same norm and applies
+    the same scale. ``max_norm <= 0`` only measures.
     """
     grads = [p.grad for p, c in zip(params, counted, strict=True) if c and p.grad is not None]
     local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

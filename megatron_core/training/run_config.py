@@ -15,8 +15,10 @@
       seq_length: 32
     parallel:
       tensor_model_parallel_size: 2
+      pipeline_model_parallel_size: 1
     training:           # TrainingSettings
       train_iters: 300
+      zero: false       # true: ZeRO-1, AdamW state split over data-parallel ranks
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.data import (
     AlphabetDataset,
@@ -201,7 +204,7 @@ def _up_to_date(prefix: Path, sources: list[str]) -> bool:
 
 
 def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_size: int | None = None) -> torch.nn.Module:
-    """The ``GPTModel`` of the run on this rank (parallel state and seeds must be set up first)."""
+    """The ``GPTModel`` of the run on this rank: its pipeline stage (parallel state and seeds set up first)."""
     from megatron_core.models.gpt import GPTModel
 
     config = config or build_transformer_config(run)
@@ -211,6 +214,7 @@ def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_s
         max_sequence_length=run.model.max_sequence_length or run.data.seq_length,
         position_embedding_type=run.model.position_embedding_type,
         share_embeddings_and_output_weights=run.model.share_embeddings_and_output_weights,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         **run.model.extra,
     )
 
@@ -225,7 +229,7 @@ class LoadedRun(NamedTuple):
 
 
 def model_from_checkpoint(path: str | Path) -> LoadedRun:
-    """Rebuild a run's model at the *current* TP size and load a checkpoint's weights into it.
+    """Rebuild a run's model at the *current* TP and PP sizes and load a checkpoint's weights into it.
 
     Args:
         path: a checkpoint directory, or a ``save_dir`` (its latest complete checkpoint is used).
@@ -237,7 +241,7 @@ def model_from_checkpoint(path: str | Path) -> LoadedRun:
         FileNotFoundError: no complete checkpoint at ``path``.
         KeyError: the checkpoint was not written by ``megatron_core.train`` (no ``run_config``).
     """
-    from megatron_core import dist_checkpointing, parallel_state
+    from megatron_core import dist_checkpointing
     from megatron_core.training.checkpointing import latest_checkpoint, load_model
 
     path = Path(path)
@@ -249,8 +253,9 @@ def model_from_checkpoint(path: str | Path) -> LoadedRun:
         raise KeyError(f"{checkpoint}: no run_config in the common state; it was not saved by megatron_core.train. "
                        "Build the model yourself and use megatron_core.training.load_model")
     run = RunConfig.model_validate(common["run_config"])
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    run = run.model_copy(update={"parallel": ParallelSection(tensor_model_parallel_size=tp)})
+    run = run.model_copy(update={"parallel": ParallelSection(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size())})
     model = build_model(run)
     load_model(checkpoint, model)
     model.eval()

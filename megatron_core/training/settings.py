@@ -26,6 +26,7 @@ class TrainingSettings(BaseModel):
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # <= 0 disables clipping (the norm is still reported)
     bf16: bool = False  # torch.autocast(bfloat16) around forward passes; weights stay in params_dtype
+    zero: bool = False  # ZeRO-1: AdamW's state split over data-parallel ranks (optimizer.DistributedOptimizer)
     seed: int = 1234
     eval_interval: int = 0  # 0: evaluate only at the end (when there is validation data)
     eval_iters: int = 10

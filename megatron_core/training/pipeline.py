@@ -1,0 +1,112 @@
+"""The training loop's pipeline-parallel path: a step's micro-batches through the 1F1B schedule.
+
+At PP = 1 the ``Trainer`` runs its micro-batches itself (forward, backward, ``finalize_grads``).
+At PP > 1 each rank holds one stage and ``pipeline_parallel.get_forward_backward_func()`` runs
+them; :class:`PipelineRunner` adapts the Trainer's conventions to the schedule:
+
+* **Loss weighting.** The Trainer's gradient is that of (sum of per-token losses over the global
+  batch) / (global token count). The schedule divides each micro-batch's loss by the number of
+  micro-batches ``m`` and our ``DistributedDataParallel`` averages gradients over the ``dp``
+  replicas, so each micro-batch contributes ``loss_sum / global_tokens * m * dp``: after both
+  divisions that is exactly the Trainer's per-token weighting.
+* **Gradient reductions.** The schedule ends with ``finalize_model_grads``: the data-parallel
+  average, the TP-partial sums and the tied-embedding sum over the embedding group. The Trainer
+  therefore does not call ``finalize_grads`` on this path (nothing is reduced twice).
+* **Reported loss.** Only the last stage computes it; the ``[loss sum, tokens]`` totals are summed
+  over the pipeline group (other stages add zeros), so every rank, rank 0's progress bar
+  included, reports the same value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_core import parallel_state
+from megatron_core.distributed import wrap_data_parallel
+from megatron_core.pipeline_parallel import get_forward_backward_func
+from megatron_core.pipeline_parallel.schedules import pipeline_dtype
+from megatron_core.training.steps import Batch, ForwardStep, StagedStep
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+class PipelineRunner:
+    """Runs micro-batches through this rank's pipeline stage with the 1F1B schedule.
+
+    Args:
+        model: this rank's stage (built with ``pre_process`` / ``post_process`` for its position).
+        step: the forward step, split into stage forward and loss (a :class:`StagedStep`).
+        autocast: a context manager factory entered around every forward (bf16 autocast or a no-op).
+
+    Raises:
+        TypeError: ``step`` is a plain callable, which cannot be split between stages.
+    """
+
+    def __init__(self, model: torch.nn.Module, step: ForwardStep, autocast: Autocast) -> None:
+        if not isinstance(step, StagedStep):
+            raise TypeError(
+                f"pipeline parallelism needs the forward step split at the stage boundary, got "
+                f"{getattr(step, '__name__', type(step).__name__)}; pass "
+                "forward_step=StagedStep(forward=..., loss=...) (megatron_core.training.StagedStep)"
+            )
+        self.step = step
+        self.autocast = autocast
+        # Our bucketed DDP when DP > 1 (torch's cannot follow 1F1B's backward order); the model itself at DP = 1.
+        self.stage = wrap_data_parallel(model)
+        self.dtype = pipeline_dtype(model)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+
+    def _forward_step_func(self, stats: list[torch.Tensor], total_tokens: torch.Tensor | None,
+                           num_microbatches: int) -> Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Any]]:
+        scale = float(num_microbatches * self.dp_size)
+
+        def forward_step_func(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+            batch = next(data_iterator)
+            with self.autocast():
+                output = self.step.forward(model, batch)
+            if not parallel_state.is_pipeline_last_stage():
+                # Autocast may leave the hidden states in another dtype than the stages exchange.
+                return output.to(self.dtype), None
+
+            def loss_func(out: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+                with self.autocast():
+                    summed, count = self.step.loss(out, batch)
+                stats.append(torch.stack([summed.detach().double(), torch.as_tensor(count).double()]))
+                if total_tokens is None:  # forward only: the value is not used
+                    return summed, {}
+                return summed / total_tokens.float() * scale, {}
+
+            return output, loss_func
+
+        return forward_step_func
+
+    def run(self, micro_batches: list[Batch], total_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward of ``micro_batches`` (forward only when ``total_tokens`` is None).
+
+        Args:
+            micro_batches: this data-parallel rank's micro-batches of one step, on the model's device,
+                all of one shape (every stage passes the same ones).
+            total_tokens: the step's token count over all data-parallel replicas (loss normaliser).
+
+        Returns:
+            ``[loss sum, token count]`` (float64) of this replica's micro-batches, on every stage.
+        """
+        stats: list[torch.Tensor] = []
+        b, s = micro_batches[0]["tokens"].shape
+        get_forward_backward_func()(
+            forward_step_func=self._forward_step_func(stats, total_tokens, len(micro_batches)),
+            data_iterator=iter(micro_batches), model=self.stage, num_microbatches=len(micro_batches),
+            seq_length=s, micro_batch_size=b, forward_only=total_tokens is None,
+        )
+        device = next(self.stage.parameters()).device
+        totals = torch.stack(stats).sum(0).to(device) if stats else torch.zeros(2, dtype=torch.float64,
+                                                                                  device=device)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if parallel_state.group_world_size(group) > 1:
+            dist.all_reduce(totals, group=group)  # only the last stage holds losses
+        return totals
