@@ -6,7 +6,7 @@
   ``optimizer.state.<param key>.exp_avg`` / ``.exp_avg_sq``, sharded like their parameter (so a
   run saved at TP=2 resumes, or evaluates, at TP=1);
 * ``rng_state``: a per-rank ``ShardedObject`` (torch's default generator, CUDA's, the tensor-parallel
-  RNG tracker's states, Python's and NumPy's), restored only when the world size is unchanged;
+  RNG tracker's states, Python's and NumPy's), restored only when world size, TP and PP are unchanged;
 * the common state: iteration, consumed samples, scheduler, AdamW step, parallel sizes.
 
 The optimizer is plain AdamW or ZeRO-1 (``optimizer.DistributedOptimizer``, each data-parallel
@@ -163,7 +163,9 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
                     scheduler: WarmupCosineScheduler | None = None, load_rng: bool = True) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` saved into the given objects; returns the common state.
 
-    The RNG is restored only when the world size matches the saving run's (otherwise a warning).
+    The RNG is restored only when the world size and the TP and PP sizes match the saving run's
+    (otherwise a warning): per-rank generator states are only meaningful in the same roles (the
+    ranks of one TP group must share the default generator).
     """
     path = Path(checkpoint)
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -174,10 +176,14 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
             raise KeyError(f"{path}: holds no optimizer state (saved without one); load with optimizer=None")
         sharded.update(_optimizer_sharded(optimizer, model, model_sd))
     world = _world()[0]
-    restore_rng = load_rng and common.get("world_size") == world
-    if load_rng and not restore_rng:
-        logger.warning("%s was saved by %s ranks, this run has %d: RNG state not restored",
-                       path, common.get("world_size"), world)
+    saved_layout = (common.get("world_size"), common.get("tensor_model_parallel_size", 1),
+                    common.get("pipeline_model_parallel_size", 1))
+    layout = (world, parallel_state.get_tensor_model_parallel_world_size(),
+              parallel_state.get_pipeline_model_parallel_world_size())
+    restore_rng = load_rng and saved_layout == layout
+    if load_rng and not restore_rng and _world()[1] == 0:
+        logger.warning("%s was saved at (world, TP, PP) = %s, this run is %s: RNG state not restored",
+                       path, saved_layout, layout)
     if restore_rng:
         sharded[RNG_KEY] = _rng_object(None)
     # model-only loads leave optimizer state and RNG in the checkpoint: unexpected keys are fine

@@ -166,3 +166,26 @@ def test_zero_at_dp2_equals_plain_adamw_and_resumes(tmp_path):
         torch.testing.assert_close(torch.tensor(rank["resumed"]), torch.tensor(rank["zero"]), atol=1e-6, rtol=0)
         assert 0 < rank["owned"] < rank["total"], "each data-parallel rank holds part of AdamW's state"
     assert sum(r["owned"] for r in per_rank) == per_rank[0]["total"]
+
+
+# ---------------------------------------------------------------------------- the entry point
+def _entry_point_pp2(tmp: str) -> tuple[list[float], list[float], bool]:
+    from megatron_core.train import main
+
+    config = Path(__file__).resolve().parents[2] / "examples" / "alphabet_gpt.yaml"
+    args = ["--config", str(config), "--set", "parallel.pipeline_model_parallel_size=2",
+            "--set", "training.lr_decay_iters=4", "--set", "training.warmup_iters=1", "--set", "training.eval_iters=1",
+            "--set", "training.micro_batch_size=4", "--set", "training.grad_accum_steps=2",
+            "--set", "training.save_interval=2", "--set", f"training.save_dir={tmp}/ckpt",
+            "--set", "training.metrics_file=null", "--set", "training.progress_bar=false", "--set", "data.seq_length=16"]
+    first = main([*args, "--set", "training.train_iters=2"])
+    second = main([*args, "--set", "training.train_iters=4"])
+    straight = main([*args, "--set", "training.train_iters=4", "--set", f"training.save_dir={tmp}/straight"])
+    assert second.start_iteration == 2
+    return first.losses + second.losses, straight.losses, parallel_state.model_parallel_is_initialized()
+
+
+def test_train_entry_point_at_pp2_saves_and_resumes(tmp_path):
+    for resumed, straight, left_initialised in run_distributed(_entry_point_pp2, 2, str(tmp_path), tmp_dir=tmp_path):
+        assert resumed == straight and len(straight) == 4
+        assert not left_initialised
