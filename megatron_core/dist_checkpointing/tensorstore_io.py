@@ -16,9 +16,12 @@ bytes (no copy, no rounding).
 from __future__ import annotations
 
 import math
+import os
 import re
+import threading
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,40 +102,109 @@ class WriteItem:
 
 
 def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int = 128 << 20) -> None:
-    """Write every item concurrently; each file is fsync'd (with its directory) by tensorstore.
+    """Write every item concurrently; every file written and every key directory is fsync'd
+    before this returns (the caller fsyncs ``root`` itself: it gains one directory per key).
 
-    The caller fsyncs ``root`` itself (it gains one directory per key).
+    tensorstore's own per-file fsync (``file_io_sync``) is off: it fsyncs each file and then its
+    directory, serially per file, some 600 journal commits for a 148-key model. Instead each file
+    is fsync'd by a thread pool as soon as its write completes (the disk writes it back while the
+    next tensors are encoded, and concurrent fsyncs share journal commits), then each key
+    directory once. Nothing returns, so nothing is committed, before all of those fsyncs succeed.
 
     Only the writer of the array's origin chunk creates ``zarr.json``; the other writers open the
     array with ``assume_metadata`` (they read nothing), so no file has two writers.
     """
-    context = ts.Context({"file_io_sync": True})
+    context = ts.Context({"file_io_sync": False, "file_io_concurrency": {"limit": _FILE_IO_CONCURRENCY}})
     creators = {item.key for item in items if item.create}
-    opened: dict[str, Any] = {}
-    for item in items:
-        if item.key not in opened:
-            spec = array_spec(root, item.record)
-            if item.key in creators:
-                opened[item.key] = ts.open(spec, create=True, context=context)
-            else:
-                opened[item.key] = ts.open(spec, open=True, assume_metadata=True, context=context)
-    pending: deque[tuple[Any, np.ndarray]] = deque()
-    inflight = 0
-    for item in items:
-        store = opened[item.key].result()
-        array = to_numpy(item.data)
-        box = tuple((o, o + s) for o, s in zip(item.offset, array.shape, strict=True))
-        # The source stays alive (in ``pending``) and unmodified until the commit completes.
-        future = store[to_slices(box)].write(array, can_reference_source_data_indefinitely=True)
-        pending.append((future, array))
-        inflight += array.nbytes
-        # Each shard is encoded whole in memory before it is written: bound how many are in flight.
-        while inflight > max_inflight_bytes and len(pending) > 1:
-            done, source = pending.popleft()
-            done.result()
-            inflight -= source.nbytes
-    for future, _ in pending:
-        future.result()
+    with _Syncer() as syncer:
+        opened: dict[str, Any] = {}
+        for item in items:
+            if item.key not in opened:
+                spec = array_spec(root, item.record)
+                if item.key in creators:
+                    opened[item.key] = ts.open(spec, create=True, context=context)
+                    syncer.after(opened[item.key], [root / item.record.path / "zarr.json"])
+                else:
+                    opened[item.key] = ts.open(spec, open=True, assume_metadata=True, context=context)
+                syncer.dirs.add(root / item.record.path)
+        pending: deque[tuple[Any, np.ndarray]] = deque()
+        inflight = 0
+        for item in items:
+            store = opened[item.key].result()
+            array = to_numpy(item.data)
+            box = tuple((o, o + s) for o, s in zip(item.offset, array.shape, strict=True))
+            # The source stays alive (in ``pending``) and unmodified until the commit completes.
+            future = store[to_slices(box)].write(array, can_reference_source_data_indefinitely=True)
+            syncer.after(future, [chunk_file(root, item.record, i) for i in chunks_of_box(box, item.record.chunk_shape)])
+            pending.append((future, array))
+            inflight += array.nbytes
+            # Each shard is encoded whole in memory before it is written: bound how many are in flight.
+            while inflight > max_inflight_bytes and len(pending) > 1:
+                done, source = pending.popleft()
+                done.result()
+                inflight -= source.nbytes
+        for future, _ in pending:
+            future.result()
+        for future in opened.values():
+            future.result()
+        syncer.finish()
+
+
+_FILE_IO_CONCURRENCY = 32
+_SYNC_THREADS = 16
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (Linux accepts fsync on a read-only descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Syncer:
+    """fsyncs files as their writes complete, on a thread pool; ``finish`` makes sure of all.
+
+    A write future's done-callback only *starts* the fsync early; ``finish`` starts any that were
+    not started (a callback may run after ``result()`` returned) and waits for every one, so no
+    file is missed whatever the callback timing. fsync errors propagate from ``finish``.
+    """
+
+    def __init__(self) -> None:
+        self.dirs: set[Path] = set()
+        self._pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="ckpt-fsync")
+        self._lock = threading.Lock()
+        self._started: dict[Path, Future[None]] = {}
+        self._wanted: list[Path] = []
+        self._closed = False
+
+    def __enter__(self) -> _Syncer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True)
+
+    def after(self, future: Any, paths: list[Path]) -> None:
+        """fsync ``paths`` once ``future`` (the tensorstore write creating them) is done."""
+        self._wanted.extend(paths)
+        future.add_done_callback(lambda _: self._start(paths))
+
+    def _start(self, paths: Sequence[Path]) -> None:
+        with self._lock:
+            for path in paths:
+                if not self._closed and path not in self._started:
+                    self._started[path] = self._pool.submit(fsync_path, path)
+
+    def finish(self) -> None:
+        self._start(self._wanted)
+        for fut in list(self._started.values()):
+            fut.result()
+        # the key directories' new entries (zarr.json, chunk files), once all files are durable
+        for fut in [self._pool.submit(fsync_path, d) for d in sorted(self.dirs)]:
+            fut.result()
 
 
 def check_chunk_files(root: Path, key: str, record: TensorRecord, boxes: Sequence[Box]) -> None:
