@@ -6,6 +6,8 @@ TP=1 (one process) and TP=2 (two gloo processes), in the same run and on the sam
 * save: ours (every file fsync'd, crc32c per inner chunk) vs ``torch.save`` of the same local
   tensors (one file per rank, no fsync; with fsync reported too) vs DCP (DTensors sharded like
   ours, so that DCP can reshard too);
+* the durable floor: the same bytes written back to back into one file per rank, then fsync'd
+  (no format, no checksums): about the least a durable save costs on that disk;
 * the first save of a fresh process (imports and model building not timed), reported separately;
 * load at the same TP, and resharding loads TP=2 -> TP=1 and TP=1 -> TP=2 (ours and DCP);
 * peak extra memory during a load (VmHWM after resetting it, fresh process, glibc's mmap threshold
@@ -115,6 +117,14 @@ def _torch_save(obj: Any, path: Path, fsync: bool) -> None:
             os.fsync(f.fileno())
 
 
+def _raw_write_fsync(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The durable floor: the tensors' bytes written back to back into one file, then fsync."""
+    with open(path, "wb", buffering=0) as f:
+        for t in tensors.values():
+            f.write(memoryview(t.contiguous().view(torch.uint8).numpy()))
+        os.fsync(f.fileno())
+
+
 def _rank_file(root: Path, name: str) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     return root / f"{name}_rank{rank}.pt"
@@ -145,8 +155,9 @@ def bench_rank(tp: int, root: str, repeats: int, reshard_from: int | None, same_
         saves = [("save ours", lambda r=r: dc.save(sharded, base / f"ours_tp{tp}_r{r}")),
                  ("save torch", lambda r=r: _torch_save(local, _rank_file(base, f"torch_tp{tp}_r{r}"), False)),
                  ("save torch+fsync", lambda r=r: _torch_save(local, _rank_file(base, f"torchsync_tp{tp}_r{r}"), True)),
-                 ("save dcp", lambda r=r: dcp.save(dcp_state, checkpoint_id=str(base / f"dcp_tp{tp}_r{r}")))]
-        for name, fn in saves[r % 4:] + saves[:r % 4]:  # rotate the order: noise hits all alike
+                 ("save dcp", lambda r=r: dcp.save(dcp_state, checkpoint_id=str(base / f"dcp_tp{tp}_r{r}"))),
+                 ("save raw+fsync", lambda r=r: _raw_write_fsync(local, _rank_file(base, f"raw_tp{tp}_r{r}")))]
+        for name, fn in saves[r % 5:] + saves[:r % 5]:  # rotate the order: noise hits all alike
             record(name, fn)
     for r in range(repeats if same_tp else 0):
         loads = [("load ours", lambda: dc.load(request, ours)),
@@ -270,6 +281,7 @@ def report(results: dict[int, dict[str, Any]], first: dict[str, list[float]], me
     for tp, t in ((1, t1), (2, t2)):
         row(f"TP={tp} save (steady)", t["save ours"], t["save torch"], t["save dcp"])
         row(f"TP={tp} save vs torch.save + fsync", t["save ours"], t["save torch+fsync"], None)
+        row(f"TP={tp} save vs raw bytes write + fsync (floor)", t["save ours"], t["save raw+fsync"], None)
         row(f"TP={tp} load (same TP)", t["load ours"], t["load torch"], t["load dcp"])
     row("TP=2 -> TP=1 load (reshard)", t1["reshard ours 2->1"], None, t1["reshard dcp 2->1"])
     row("TP=1 -> TP=2 load (reshard)", t2["reshard ours 1->2"], None, t2["reshard dcp 1->2"])
