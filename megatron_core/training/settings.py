@@ -9,6 +9,8 @@ class TrainingSettings(BaseModel):
     """How long, how fast and how safely to train.
 
     The global batch per update is ``micro_batch_size * grad_accum_steps * data-parallel size``.
+    Under pipeline parallelism ``grad_accum_steps`` is the schedule's number of micro-batches: the
+    pipeline idles ``(p - 1) / (grad_accum_steps + p - 1)`` of a step with ``p`` stages.
     """
 
     model_config = ConfigDict(extra="forbid")
