@@ -7,8 +7,8 @@ Save protocol (every rank calls ``save`` with its own sharded state dict):
    it. One ``all_gather_object`` shares both, and every rank validates the union: each key's main
    replicas must tile its global shape exactly once. Any problem: every rank raises, nothing is
    written.
-2. Each main replica writes its chunks (tensorstore fsyncs every file); rank 0 writes the common
-   state. Directories are fsync'd.
+2. Each main replica writes its chunks and fsyncs every file it wrote, then its key directories
+   (``write_shards``); rank 0 writes the common state. Directories are fsync'd.
 3. A second ``all_gather_object`` is the barrier and the success vote: if any rank failed, every
    rank raises and the temporary directory is removed.
 4. Rank 0 writes ``metadata.json`` (the commit marker) last, then renames the directory into place;
@@ -254,7 +254,7 @@ def _write_local(tmp: Path, me: int, leaves: Sequence[ShardedTensor | ShardedObj
                 status.object_weights_only[rel] = write_torch_file(tmp / rel, leaf.data)
         if common is not None:
             status.common_weights_only = write_torch_file(tmp / COMMON_FILE, common)
-        fsync_dir(tmp)  # the key directories' entries (tensorstore fsyncs each key directory)
+        fsync_dir(tmp)  # the key directories' entries (write_shards fsyncs inside each key directory)
     except Exception as e:  # every rank learns of it through the vote
         logger.exception("rank %d failed while saving into %s", me, tmp)
         status = _Status(ok=False, error=f"{type(e).__name__}: {e}")

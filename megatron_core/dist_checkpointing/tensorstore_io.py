@@ -105,8 +105,9 @@ def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int
     """Write every item concurrently; every file written and every key directory is fsync'd
     before this returns (the caller fsyncs ``root`` itself: it gains one directory per key).
 
-    tensorstore's own per-file fsync (``file_io_sync``) is off: it fsyncs each file and then its
-    directory, serially per file, some 600 journal commits for a 148-key model. Instead each file
+    tensorstore's own fsync (``file_io_sync``) is off: it fsyncs each file and then its directory,
+    some 600 fsyncs for a 148-key model, a few at a time (measured: 0.49 s -> 0.40 s for the
+    GPT-2-small save, whose raw bytes take ~0.3 s to write and fsync on that disk). Instead each file
     is fsync'd by a thread pool as soon as its write completes (the disk writes it back while the
     next tensors are encoded, and concurrent fsyncs share journal commits), then each key
     directory once. Nothing returns, so nothing is committed, before all of those fsyncs succeed.
@@ -168,7 +169,9 @@ class _Syncer:
 
     A write future's done-callback only *starts* the fsync early; ``finish`` starts any that were
     not started (a callback may run after ``result()`` returned) and waits for every one, so no
-    file is missed whatever the callback timing. fsync errors propagate from ``finish``.
+    file is missed whatever the callback timing. fsync errors propagate from ``finish``. The fsync
+    runs on a new descriptor after tensorstore closed its own: Linux (errseq, >= 4.16) still
+    reports a writeback error that no descriptor has seen yet.
     """
 
     def __init__(self) -> None:
