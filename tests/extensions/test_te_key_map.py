@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from megatron_core.extensions.te_key_map import (
 from megatron_core.models.gpt import GPTModel
 from specs.gpt import get_gpt_layer_local_spec
 from specs.llama import LLAMA_MODEL_KWARGS, get_llama_layer_local_spec, llama_config
-
-FIXTURES = Path("/work/shared/fixtures/mcore_gpt_local_spec.pt")
+from tests.paths import MCORE_GPT_FIXTURE as FIXTURES
 
 
 def _gpt_state_dict() -> dict[str, torch.Tensor]:
@@ -114,7 +112,6 @@ def test_local_norm_prefix() -> None:
     assert local_norm_prefix("decoder.layers.0.xmlp.linear_fc1.") is None
 
 
-@pytest.mark.skipif(not FIXTURES.exists(), reason=f"Megatron-Core fixture {FIXTURES} not present")
 def test_megatron_core_local_state_dict_round_trips() -> None:
     """The map works on a state dict written by Megatron-Core itself (its local spec's names)."""
     fixtures = torch.load(FIXTURES, weights_only=True)

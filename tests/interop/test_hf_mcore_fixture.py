@@ -7,8 +7,6 @@ this checks the QKV / fc1 layouts against the original independently of our tran
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,14 +16,13 @@ from megatron_core.interop.registry import Blueprint
 
 pytest.importorskip("transformers")
 
-FIXTURE = Path("/work/shared/fixtures/mcore_gpt_local_spec.pt")
+from tests.paths import MCORE_GPT_FIXTURE as FIXTURE  # noqa: E402
+
 CASES = [("gpt_learned_tied", "gpt2"), ("llama_gqa_rope", "llama")]
 
 
 @pytest.fixture(scope="module")
 def fixture_data():
-    if not FIXTURE.exists():
-        pytest.skip(f"{FIXTURE} not present")
     return torch.load(FIXTURE, weights_only=True)
 
 

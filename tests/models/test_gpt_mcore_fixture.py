@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from megatron_core import TransformerConfig
 from megatron_core.models.gpt import GPTModel
 from specs.gpt import get_gpt_layer_local_spec
-
-FIXTURE = Path("/work/shared/fixtures/mcore_gpt_local_spec.pt")
-if not FIXTURE.exists():
-    FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mcore_gpt_local_spec.pt"
-
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="Megatron-Core reference fixture not available")
+from tests.paths import MCORE_GPT_FIXTURE as FIXTURE
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,8 @@
+"""Paths to data files shipped with the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+MCORE_GPT_FIXTURE = FIXTURES / "mcore_gpt_local_spec.pt"
