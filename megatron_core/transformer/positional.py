@@ -87,7 +87,8 @@ def apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, rotary_interleave
 
     Args:
         t: queries or keys ``[s, b, heads, hn]``.
-        freqs: angles ``[s, 1, 1, rot_dim]`` with ``rot_dim <= hn`` (broadcast over batch and heads).
+        freqs: angles ``[s, 1, 1, rot_dim]`` (or ``[s, b, 1, rot_dim]`` for per-sample positions) with
+            ``rot_dim <= hn``, broadcast over batch and heads.
         rotary_interleaved: the channel pairing ``freqs`` was built for.
 
     Returns:

@@ -91,3 +91,27 @@ def test_unrepresentable_llama_configs_are_refused(overrides, field, match):
     with pytest.raises(UnsupportedHFConfigError, match=match) as info:
         blueprint_from_hf_config(config)
     assert info.value.field_name == field and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["left_padded", "packed"])
+def test_rope_honours_position_ids_like_hf(layout):
+    # HF Llama rotates by position_ids; ours must too. (A uniform offset would prove nothing: RoPE
+    # scores depend on relative positions only, so the cases break the 0..s-1 pattern.)
+    from megatron_core.interop import from_hf
+
+    hf = llama("eager").eval()
+    ours = from_hf(hf).eval()
+    b, s = 2, 10
+    tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(1))
+    ramp = torch.arange(s)
+    if layout == "left_padded":
+        second = torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(6)])
+    else:  # two documents of 5 tokens packed in one row
+        second = torch.cat([torch.arange(5), torch.arange(5)])
+    positions = torch.stack([ramp, second])
+    with torch.no_grad():
+        expected = hf(tokens, position_ids=positions).logits
+        actual = ours(tokens, positions, None)
+        default = ours(tokens, ramp.expand(b, s), None)
+    assert (actual - expected).abs().max().item() <= 1e-5
+    assert (default - expected).abs().max().item() > 1e-3  # the positions really changed the result

@@ -35,6 +35,14 @@ def check_decoder_spec(spec: Any, path: str = "decoder.layers") -> None:
         check_spec(spec, path)
 
 
+def _is_default_positions(position_ids: torch.Tensor, seq_len: int) -> bool:
+    """Whether ``position_ids`` [b, s] is 0..s-1 on every row (the angles then need no gather)."""
+    if position_ids.shape[-1] != seq_len:
+        return False
+    default = torch.arange(seq_len, device=position_ids.device)
+    return bool((position_ids == default).all())
+
+
 class GPTModel(LanguageModule):
     """A decoder-only language model built from a transformer layer spec.
 
@@ -123,19 +131,24 @@ class GPTModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def _rotary(self, decoder_input: torch.Tensor | None, inference_params: Any) -> torch.Tensor | None:
+    def _rotary(
+        self, decoder_input: torch.Tensor | None, inference_params: Any, position_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
         if self.position_embedding_type != "rope":
             return None
         if inference_params is not None:
             # All positions up to the cache size: attention picks those of this step.
-            seq_len = inference_params.max_sequence_length
-        else:
-            hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
-            assert hidden is not None
-            seq_len = hidden.shape[0]
-            if self.config.sequence_parallel:
-                seq_len *= parallel_state.get_tensor_model_parallel_world_size()  # [s/tp] -> s
-        return self.rotary_pos_emb(seq_len)  # [s, 1, 1, rot_dim]
+            return self.rotary_pos_emb(inference_params.max_sequence_length)  # [max_s, 1, 1, rot_dim]
+        hidden = decoder_input if decoder_input is not None else self.decoder.input_tensor
+        assert hidden is not None
+        seq_len = hidden.shape[0]
+        if self.config.sequence_parallel:
+            seq_len *= parallel_state.get_tensor_model_parallel_world_size()  # [s/tp] -> s
+        if position_ids is None or _is_default_positions(position_ids, seq_len):
+            return self.rotary_pos_emb(seq_len)  # [s, 1, 1, rot_dim]
+        # Explicit positions (left padding, packed documents): one angle row per token, as HF does.
+        table = self.rotary_pos_emb(max(seq_len, int(position_ids.max()) + 1))  # [P, 1, 1, rot_dim]
+        return table[:, 0][position_ids.t()]  # [P, 1, rot_dim] by [s, b] -> [s, b, 1, rot_dim]
 
     def forward(
         self,
@@ -150,7 +163,7 @@ class GPTModel(LanguageModule):
 
         Args:
             input_ids: token ids ``[b, s]`` (first stage).
-            position_ids: ``[b, s]``; used by learned absolute positions.
+            position_ids: ``[b, s]``; used by learned absolute positions and by RoPE (angles per token).
             attention_mask: boolean, True = masked out, broadcastable to ``[b, 1, s, s]``; None with a
                 causal spec means plain causal attention.
             decoder_input: precomputed embeddings ``[s, b, h]`` instead of ``input_ids``.
@@ -167,7 +180,7 @@ class GPTModel(LanguageModule):
             decoder_input = self.embedding(input_ids, position_ids)  # [s, b, h] ([s/tp, b, h] with SP)
         hidden_states = self.decoder(
             decoder_input, attention_mask, inference_params=inference_params,
-            rotary_pos_emb=self._rotary(decoder_input, inference_params),
+            rotary_pos_emb=self._rotary(decoder_input, inference_params, position_ids),
         )
         if not self.post_process:
             return hidden_states
