@@ -97,46 +97,35 @@ def initialize_model_parallel(
     def rank_of(t: int, d: int, p: int) -> int:
         return t + tp * (d + dp * p)
 
-    tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
-    groups: dict[str, ProcessGroup | None] = {}
-    pp_ranks_of_mine: list[int] = []
-    embedding_ranks_of_mine: list[int] = []
-    # Every rank must create every group, in the same order (torch.distributed's contract).
-    for d in range(dp):
-        for p in range(pp):
-            ranks = [rank_of(t, d, p) for t in range(tp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups["tp"] = group
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [rank_of(t, d, p) for d in range(dp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups["dp"] = group
-    for d in range(dp):
-        for t in range(tp):
-            ranks = [rank_of(t, d, p) for p in range(pp)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups["pp"] = group
-                pp_ranks_of_mine = ranks
-            emb_ranks = [ranks[0], ranks[-1]] if pp > 1 else [ranks[0]]
-            emb_group = dist.new_group(emb_ranks)
-            if rank in emb_ranks:
-                groups["emb"] = emb_group
-                embedding_ranks_of_mine = emb_ranks
-    for d in range(dp):
-        ranks = [rank_of(t, d, p) for p in range(pp) for t in range(tp)]
-        group = dist.new_group(sorted(ranks))
-        if rank in ranks:
-            groups["mp"] = group
-
+    tp_lists = [[rank_of(t, d, p) for t in range(tp)] for d in range(dp) for p in range(pp)]
+    dp_lists = [[rank_of(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    pp_lists = [[rank_of(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    embedding_lists = [[ranks[0], ranks[-1]] if pp > 1 else [ranks[0]] for ranks in pp_lists]
+    mp_lists = [sorted(rank_of(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    tp_group, _ = _create_groups(tp_lists, rank)
+    dp_group, _ = _create_groups(dp_lists, rank)
+    pp_group, pp_ranks = _create_groups(pp_lists, rank)
+    embedding_group, embedding_ranks = _create_groups(embedding_lists, rank)
+    mp_group, _ = _create_groups(mp_lists, rank)
     _STATE = _ParallelState(
-        tp_size=tp, pp_size=pp, dp_size=dp, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-        tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"], mp_group=groups["mp"],
-        embedding_group=groups.get("emb"), pp_ranks=pp_ranks_of_mine, embedding_ranks=embedding_ranks_of_mine,
+        tp_size=tp, pp_size=pp, dp_size=dp,
+        tp_rank=rank % tp, pp_rank=rank // (tp * dp), dp_rank=(rank // tp) % dp,
+        tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
+        embedding_group=embedding_group, pp_ranks=pp_ranks, embedding_ranks=embedding_ranks,
     )
+
+
+def _create_groups(rank_lists: list[list[int]], rank: int) -> tuple[ProcessGroup | None, list[int]]:
+    """Create one group per rank list; return the group holding ``rank`` and its ranks.
+
+    Every rank must create every group, in the same order (torch.distributed's contract).
+    """
+    mine: tuple[ProcessGroup | None, list[int]] = (None, [])
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = (group, ranks)
+    return mine
 
 
 def destroy_model_parallel() -> None:
