@@ -65,18 +65,6 @@ def ours_activation_to_hf(ours: str, preferred: str | None, default: str) -> str
     raise HFInteropError(f"activation_func={ours!r} has no Hugging Face equivalent")
 
 
-# GPT2Config's and GPTJConfig's default bos/eos token id (GPT-2's <|endoftext|>).
-GPT2_DEFAULT_TOKEN_ID = 50256
-
-
-def drop_token_ids_outside_vocab(config_fields: dict[str, Any], vocab_size: int,
-                                 default: int = GPT2_DEFAULT_TOKEN_ID) -> None:
-    """Unset bos/eos ids that would index past ``vocab_size`` (HF defaults assume GPT-2's vocabulary)."""
-    for name in ("bos_token_id", "eos_token_id"):
-        if config_fields.get(name, default) >= vocab_size:
-            config_fields[name] = None
-
-
 def _rotary_settings(model: Any) -> dict[str, float]:
     """rotary_percent and rotary_base of a GPTModel: its attributes, else read off its RotaryEmbedding."""
     rotary = model.rotary_pos_emb

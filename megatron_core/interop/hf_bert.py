@@ -34,6 +34,7 @@ from megatron_core.interop.registry import (
     KeyTaker,
     StateDict,
     UnsupportedHFConfigError,
+    drop_token_ids_outside_vocab,
 )
 
 # (HF suffix under bert.encoder.layer.N., our suffix under encoder.layers.N.), weight and bias each.
@@ -156,8 +157,8 @@ class BertFamily(HFFamily):
             tie_word_embeddings=kw["share_embeddings_and_output_weights"],
             architectures=[_CLASS_FOR_BINARY_HEAD[bool(kw["add_binary_head"])]],
         )
-        if template is None and base.get("pad_token_id", 0) is not None and base.get("pad_token_id", 0) >= kw["vocab_size"]:
-            base["pad_token_id"] = None
+        if template is None:
+            drop_token_ids_outside_vocab(base, kw["vocab_size"], names=("pad_token_id",), default=0)
         return BertConfig.from_dict(base)
 
     # ------------------------------------------------------------------ models

@@ -19,12 +19,17 @@ from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import (
     HF_ACTIVATIONS,
     GPTModelFamily,
-    drop_token_ids_outside_vocab,
     hf_activation_to_ours,
     ours_activation_to_hf,
 )
 from megatron_core.interop.layouts import conv1d_to_linear, fuse_qkv, linear_to_conv1d, split_qkv
-from megatron_core.interop.registry import Blueprint, KeyTaker, StateDict, UnsupportedHFConfigError
+from megatron_core.interop.registry import (
+    Blueprint,
+    KeyTaker,
+    StateDict,
+    UnsupportedHFConfigError,
+    drop_token_ids_outside_vocab,
+)
 
 logger = logging.getLogger(__name__)
 

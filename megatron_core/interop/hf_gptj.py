@@ -19,7 +19,6 @@ import torch
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import (
     GPTModelFamily,
-    drop_token_ids_outside_vocab,
     hf_activation_to_ours,
     ours_activation_to_hf,
 )
@@ -30,6 +29,7 @@ from megatron_core.interop.registry import (
     KeyTaker,
     StateDict,
     UnsupportedHFConfigError,
+    drop_token_ids_outside_vocab,
 )
 
 _IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias", "embed_positions")

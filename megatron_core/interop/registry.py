@@ -179,3 +179,24 @@ def load_family_modules(modules: Mapping[str, str]) -> None:
 def registered_families() -> dict[str, HFFamily]:
     """The registered families by ``model_type`` (a copy)."""
     return dict(_REGISTRY)
+
+
+# GPT2Config's and GPTJConfig's default bos/eos token id (GPT-2's <|endoftext|>).
+GPT2_DEFAULT_TOKEN_ID = 50256
+
+
+def drop_token_ids_outside_vocab(
+    config_fields: dict[str, Any],
+    vocab_size: int,
+    names: tuple[str, ...] = ("bos_token_id", "eos_token_id"),
+    default: int = GPT2_DEFAULT_TOKEN_ID,
+) -> None:
+    """Unset special-token ids that would index past ``vocab_size``.
+
+    Hugging Face config defaults assume the original vocabulary (GPT-2's 50256, BERT's pad 0);
+    ``default`` stands for an id the dict does not set.
+    """
+    for name in names:
+        value = config_fields.get(name, default)
+        if value is not None and value >= vocab_size:
+            config_fields[name] = None
