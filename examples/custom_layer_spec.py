@@ -34,10 +34,10 @@ from megatron_core import TransformerConfig, parallel_state
 from megatron_core.data import AlphabetDataset, AlphabetTokenizer, collate
 from megatron_core.inference import gather_vocab_logits
 from megatron_core.models.gpt import GPTModel
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, model_parallel_manual_seed
 from megatron_core.training import Trainer, TrainingSettings, latest_checkpoint, load_model
 from megatron_core.transformer.mlp import LinearFc1Builder, LinearFc2Builder
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.spec_utils import ModuleSpec, SpecError, build_module, format_spec
 from specs.gpt import get_gpt_layer_local_spec
 

@@ -151,8 +151,8 @@ def stage_ported_tp2(out: Path, steps: int) -> None:
     import torch.distributed as dist
 
     from megatron_core import dist_checkpointing, parallel_state
+    from megatron_core.module import default_sharded_state_dict
     from megatron_core.tensor_parallel import model_parallel_manual_seed
-    from megatron_core.transformer.module import default_sharded_state_dict
 
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
@@ -169,7 +169,7 @@ def stage_ported_tp2(out: Path, steps: int) -> None:
 def stage_ported_tp1(out: Path) -> None:
     """The ported model at TP=1 (one process), loaded from the TP=2 checkpoint and scored."""
     from megatron_core import dist_checkpointing
-    from megatron_core.transformer.module import default_sharded_state_dict
+    from megatron_core.module import default_sharded_state_dict
 
     model = make_model(vocab_size())
     model.load_state_dict(dist_checkpointing.load(default_sharded_state_dict(model), out / "checkpoint"))

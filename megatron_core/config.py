@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
@@ -51,9 +51,16 @@ class TransformerConfig(BaseModel):
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    num_query_groups: int | None = None
-    ffn_hidden_size: int | None = None
-    kv_channels: int | None = None
+    # Derived when left unset (None): after construction they always hold an int, which is what
+    # the type checker is told; pydantic reads the runtime annotations, which accept None.
+    if TYPE_CHECKING:
+        num_query_groups: int = 0
+        ffn_hidden_size: int = 0
+        kv_channels: int = 0
+    else:
+        num_query_groups: int | None = None
+        ffn_hidden_size: int | None = None
+        kv_channels: int | None = None
 
     # ---- behaviour
     hidden_dropout: float = 0.1

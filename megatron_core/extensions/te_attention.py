@@ -25,7 +25,9 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
+from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_common import TEModuleMixin, resolve_tp, te
 from megatron_core.tensor_parallel.random import get_rng_tracker
 from megatron_core.transformer.dot_product_attention import causal_mask
@@ -52,14 +54,14 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         if cp_comm_type is not None:
             raise ValueError(

@@ -17,11 +17,13 @@ require_te("megatron_core.extensions.transformer_engine")
 
 import transformer_engine as te  # noqa: E402
 import transformer_engine.pytorch  # noqa: E402,F401  (binds te.pytorch)
+from torch.distributed import ProcessGroup  # noqa: E402
 
 from megatron_core import parallel_state  # noqa: E402
+from megatron_core.config import TransformerConfig  # noqa: E402
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict  # noqa: E402
+from megatron_core.module import make_sharded_tensors_for_checkpoint  # noqa: E402
 from megatron_core.tensor_parallel.layers import _initialize_affine_weight  # noqa: E402
-from megatron_core.transformer.module import make_sharded_tensors_for_checkpoint  # noqa: E402
 
 __all__ = ["TEModuleMixin", "resolve_tp", "te", "tp_invariant_init"]
 
@@ -60,14 +62,14 @@ class TEModuleMixin:
         """``MegatronModule``'s hook; a no-op here (no FP8 weight caching across micro-batches)."""
 
 
-def resolve_tp(tp_group: Any) -> tuple[Any, int, int]:
+def resolve_tp(tp_group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]:
     """(group, world size, rank) of ``tp_group``, defaulting to parallel_state's TP group."""
     group = parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group
     return group, parallel_state.group_world_size(group), parallel_state.group_rank(group)
 
 
 def tp_invariant_init(
-    config: Any, init_method: Callable[[torch.Tensor], Any], full_shape: tuple[int, int], partition_dim: int,
+    config: TransformerConfig, init_method: Callable[[torch.Tensor], Any], full_shape: tuple[int, int], partition_dim: int,
     stride: int, tp_rank: int, tp_size: int,
 ) -> Callable[[torch.Tensor], None]:
     """An ``init_method`` for TE that fills this rank's slice of a full weight drawn like the local layers'.

@@ -36,7 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
+from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
 from megatron_core.extensions.te_common import (
     TEModuleMixin,
@@ -79,8 +81,8 @@ _LINEAR_MODES: dict[str | None, tuple[int, dict[str, int]]] = {
 
 
 def _te_linear_kwargs(
-    input_size: int, output_size: int, *, parallel_mode: str | None, config: Any,
-    init_method: Callable[[torch.Tensor], Any], bias: bool, skip_bias_add: bool, tp_group: Any, stride: int,
+    input_size: int, output_size: int, *, parallel_mode: str | None, config: TransformerConfig,
+    init_method: Callable[[torch.Tensor], Any], bias: bool, skip_bias_add: bool, tp_group: ProcessGroup | None, stride: int,
 ) -> dict[str, Any]:
     """Keyword arguments shared by ``te.pytorch.Linear`` and ``te.pytorch.LayerNormLinear``."""
     group, tp_size, tp_rank = resolve_tp(tp_group)
@@ -122,9 +124,9 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, /, *, parallel_mode: str | None, config: Any,
+        self, input_size: int, output_size: int, /, *, parallel_mode: str | None, config: TransformerConfig,
         init_method: Callable[[torch.Tensor], Any], bias: bool, skip_bias_add: bool, is_expert: bool = False,
-        tp_comm_buffer_name: str | None = None, tp_group: Any = None, stride: int = 1,
+        tp_comm_buffer_name: str | None = None, tp_group: ProcessGroup | None = None, stride: int = 1,
     ) -> None:
         _check_layer_options(is_expert, type(self).__name__)
         if parallel_mode not in _LINEAR_MODES:
@@ -154,9 +156,9 @@ class TEColumnParallelLinear(TELinear):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, /, *, config: Any, init_method: Callable[[torch.Tensor], Any],
+        self, input_size: int, output_size: int, /, *, config: TransformerConfig, init_method: Callable[[torch.Tensor], Any],
         gather_output: bool, bias: bool, skip_bias_add: bool, is_expert: bool = False,
-        tp_comm_buffer_name: str | None = None, tp_group: Any = None, stride: int = 1,
+        tp_comm_buffer_name: str | None = None, tp_group: ProcessGroup | None = None, stride: int = 1,
     ) -> None:
         super().__init__(
             input_size, output_size, parallel_mode="column", config=config, init_method=init_method, bias=bias,
@@ -183,9 +185,9 @@ class TERowParallelLinear(TELinear):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, /, *, config: Any, init_method: Callable[[torch.Tensor], Any],
+        self, input_size: int, output_size: int, /, *, config: TransformerConfig, init_method: Callable[[torch.Tensor], Any],
         bias: bool, input_is_parallel: bool, skip_bias_add: bool, is_expert: bool = False,
-        tp_comm_buffer_name: str | None = None, tp_group: Any = None, stride: int = 1,
+        tp_comm_buffer_name: str | None = None, tp_group: ProcessGroup | None = None, stride: int = 1,
     ) -> None:
         if config.sequence_parallel and not input_is_parallel:
             raise ValueError(
@@ -207,7 +209,7 @@ class TERowParallelLinear(TELinear):
         return super().forward(x)
 
 
-def _gather_output_check(module: Any, gather_output: bool, config: Any) -> None:
+def _gather_output_check(module: Any, gather_output: bool, config: TransformerConfig) -> None:
     if gather_output and config.sequence_parallel and module.tp_size > 1:
         raise ValueError(
             f"{type(module).__name__}: gather_output=True with sequence_parallel=True is not supported; keep the "
@@ -231,9 +233,9 @@ class TELayerNormColumnParallelLinear(TEModuleMixin, te.pytorch.LayerNormLinear)
     _tp_axis_map = {"weight": 0, "bias": 0}
 
     def __init__(
-        self, input_size: int, output_size: int, /, *, config: Any, init_method: Callable[[torch.Tensor], Any],
+        self, input_size: int, output_size: int, /, *, config: TransformerConfig, init_method: Callable[[torch.Tensor], Any],
         gather_output: bool, bias: bool, skip_bias_add: bool, is_expert: bool = False,
-        tp_comm_buffer_name: str | None = None, tp_group: Any = None, stride: int = 1,
+        tp_comm_buffer_name: str | None = None, tp_group: ProcessGroup | None = None, stride: int = 1,
         normalization: str | None = None,
     ) -> None:
         name = type(self).__name__
@@ -300,7 +302,7 @@ class TENorm:
     """
 
     def __new__(  # type: ignore[misc]
-        cls, config: Any, hidden_size: int, eps: float = 1e-5, normalization: str | None = None
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, normalization: str | None = None
     ) -> torch.nn.Module:
         kind = normalization or config.normalization
         norm_cls = {"LayerNorm": TELayerNorm, "RMSNorm": TERMSNorm}.get(kind)
@@ -333,7 +335,7 @@ class TEActivationOp(TEModuleMixin, torch.nn.Module):
     ``[s, b, ffn/tp]``. Chosen from ``config.activation_func`` and ``config.gated_linear_unit``.
     """
 
-    def __init__(self, *, config: Any) -> None:
+    def __init__(self, *, config: TransformerConfig) -> None:
         super().__init__()
         base = _GATED_BASE.get(config.activation_func, config.activation_func)
         op_name = _TE_ACTIVATIONS.get((base, bool(config.gated_linear_unit)))

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from megatron_core.activations import ACTIVATIONS, GATED_ACTIVATIONS, gelu_tanh, name_of_activation
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.nn._base import tp_size
 from megatron_core.tensor_parallel.random import get_rng_tracker
-from megatron_core.transformer.module import MegatronModule
 
 Activation = str | Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,7 +57,7 @@ class ActivationDropout(MegatronModule):
         dropout: probability, applied in training only.
     """
 
-    def __init__(self, config: Any, activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
+    def __init__(self, config: TransformerConfig, activation: Callable[[torch.Tensor], torch.Tensor] = F.relu,
                  dropout: float = 0.0) -> None:
         super().__init__(config)
         self.activation = activation

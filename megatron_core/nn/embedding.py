@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_core.module import MegatronModule, make_sharded_tensors_for_checkpoint
 from megatron_core.nn._base import (
     TorchLoadMixin,
     check_divisible,
@@ -31,7 +32,6 @@ from megatron_core.nn._base import (
 from megatron_core.nn.functional import _check_split_embedding_args, parallel_embedding
 from megatron_core.nn.init import shard_init_helper_
 from megatron_core.tensor_parallel.layers import VocabParallelEmbedding, set_tensor_model_parallel_attributes
-from megatron_core.transformer.module import MegatronModule, make_sharded_tensors_for_checkpoint
 
 __all__ = ["ParallelEmbedding"]
 

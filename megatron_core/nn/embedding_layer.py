@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from megatron_core.module import MegatronModule
 from megatron_core.nn.embedding import ParallelEmbedding
 from megatron_core.nn.relative_position import RelativePositionBias
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.positional import RotaryEmbedding
 from megatron_core.transformer.sinusoidal_positions import SinusoidalPositionEmbedding
 

@@ -41,7 +41,7 @@ from megatron_core.transformer.transformer_layer import TransformerLayer, Transf
 class LayerNormWithoutBias(LayerNorm):
     """``torch.nn.LayerNorm(..., bias=False)``: a scale only."""
 
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__(config, hidden_size, eps)
         self.register_parameter("bias", None)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_core.module import MegatronModule
 from megatron_core.nn._base import (
     TorchLoadMixin,
     linear_layer_config,
@@ -38,7 +39,6 @@ from megatron_core.nn.parallel_dim import set_parallel_dim
 from megatron_core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
 from megatron_core.tensor_parallel.utils import TensorParallelError
-from megatron_core.transformer.module import MegatronModule
 
 __all__ = ["ParallelLinear"]
 

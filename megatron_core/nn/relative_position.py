@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_buckets: int = 32,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_core.module import MegatronModule
 from megatron_core.nn._base import TorchLoadMixin
 from megatron_core.nn.activation import Activation
 from megatron_core.nn.transformer import (
@@ -16,7 +17,6 @@ from megatron_core.nn.transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
-from megatron_core.transformer.module import MegatronModule
 
 __all__ = ["Transformer"]
 

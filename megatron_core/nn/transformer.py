@@ -24,6 +24,8 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.nn._base import TorchLoadMixin
 from megatron_core.nn.activation import Activation, resolve_activation
 from megatron_core.nn.layer_specs import (
@@ -34,7 +36,6 @@ from megatron_core.nn.layer_specs import (
 )
 from megatron_core.nn.masks import AttentionMasks, build_attention_masks, from_seq_first, to_seq_first
 from megatron_core.nn.torch_keys import convert_decoder_layer, convert_encoder_layer, convert_stack
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.norms import LayerNorm
 from megatron_core.transformer.transformer_layer import TransformerLayer
 
@@ -167,7 +168,7 @@ class TransformerDecoderLayer(_DropInLayer):
 
 
 # ----------------------------------------------------------------------------- stacks
-def _our_norm(norm: torch.nn.Module | None, config: Any) -> torch.nn.Module | None:
+def _our_norm(norm: torch.nn.Module | None, config: TransformerConfig) -> torch.nn.Module | None:
     """torch's ``nn.LayerNorm`` -> the toolkit's (same values); anything else is kept as given."""
     if not isinstance(norm, torch.nn.LayerNorm) or len(norm.normalized_shape) != 1:
         return norm

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.distributed.finalize_model_grads import finalize_model_grads, unwrap_model
 from megatron_core.pipeline_parallel import p2p_communication as p2p
 
@@ -56,15 +57,27 @@ def _single_model(model: torch.nn.Module | list[torch.nn.Module]) -> torch.nn.Mo
     return model
 
 
+def _model_config(model: torch.nn.Module) -> TransformerConfig:
+    """The ``config`` of the (unwrapped) model: the schedule reads its width, dtype and sequence parallelism."""
+    inner = unwrap_model(model)
+    # Typed as the TransformerConfig fields read here; any object with them will do (tests use a toy).
+    config: TransformerConfig | None = getattr(inner, "config", None)
+    if config is None:
+        raise ScheduleError(
+            f"pipeline parallelism needs model.config (hidden_size, sequence_parallel, bf16/fp16, torch_dtype) "
+            f"to know the activation shape and dtype; {type(inner).__name__} has no config: give it one"
+        )
+    return config
+
+
 def pipeline_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the activations sent between stages: bf16/fp16 when the config says so, else params_dtype."""
-    config = getattr(unwrap_model(model), "config", None)
-    if getattr(config, "bf16", False):
+    config = _model_config(model)
+    if config.bf16:
         return torch.bfloat16
-    if getattr(config, "fp16", False):
+    if config.fp16:
         return torch.float16
-    dtype = getattr(config, "torch_dtype", torch.float32)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return config.torch_dtype
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -74,14 +87,9 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def get_tensor_shape(model: torch.nn.Module, seq_length: int, micro_batch_size: int) -> tuple[int, int, int]:
     """Shape of the activation passed between stages: ``[s (/ tp with sequence parallel), b, h]``."""
-    config = getattr(unwrap_model(model), "config", None)
-    hidden = getattr(config, "hidden_size", None)
-    if hidden is None:
-        raise ScheduleError(
-            "pipeline parallelism needs model.config.hidden_size to know the activation shape "
-            f"[seq_length, micro_batch_size, hidden_size]; {type(unwrap_model(model)).__name__} has none"
-        )
-    if getattr(config, "sequence_parallel", False):
+    config = _model_config(model)
+    hidden = config.hidden_size
+    if config.sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if seq_length % tp != 0:
             raise ScheduleError(

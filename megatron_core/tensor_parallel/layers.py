@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.module import MegatronModule, make_sharded_tensors_for_checkpoint
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -31,7 +33,6 @@ from megatron_core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron_core.tensor_parallel.utils import TensorParallelError, VocabUtility, divide
-from megatron_core.transformer.module import MegatronModule, make_sharded_tensors_for_checkpoint
 
 InitMethod = Callable[[torch.Tensor], Any]
 
@@ -100,11 +101,11 @@ def _initialize_affine_weight(
     return master.to(dtype=weight.dtype) if return_master_weight else None
 
 
-def _new_param(shape: tuple[int, ...], config: Any) -> torch.nn.Parameter:
+def _new_param(shape: tuple[int, ...], config: TransformerConfig) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.empty(shape, dtype=config.torch_dtype))
 
 
-def _zero_bias(size: int, config: Any) -> torch.nn.Parameter:
+def _zero_bias(size: int, config: TransformerConfig) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.zeros(size, dtype=config.torch_dtype))
 
 
@@ -123,7 +124,7 @@ class ColumnParallelLinear(MegatronModule):
         output_size: int,
         /,
         *,
-        config: Any,
+        config: TransformerConfig,
         init_method: InitMethod,
         bias: bool = True,
         gather_output: bool = False,
@@ -245,7 +246,7 @@ class RowParallelLinear(MegatronModule):
         output_size: int,
         /,
         *,
-        config: Any,
+        config: TransformerConfig,
         init_method: InitMethod,
         bias: bool,
         input_is_parallel: bool,
@@ -342,7 +343,7 @@ class VocabParallelEmbedding(MegatronModule):
         embedding_dim: int,
         *,
         init_method: InitMethod,
-        config: Any,
+        config: TransformerConfig,
         reduce_scatter_embeddings: bool = False,
         tp_group: ProcessGroup | None = None,
     ) -> None:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.positional import apply_rotary_pos_emb
 from megatron_core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -36,9 +38,9 @@ class LinearQkvBuilder(Protocol):
     """Constructor call for the ``linear_qkv`` / ``linear_q`` / ``linear_kv`` slots (column-parallel)."""
 
     def __call__(
-        self, input_size: int, output_size: int, /, *, config: Any,
+        self, input_size: int, output_size: int, /, *, config: TransformerConfig,
         init_method: Callable[[torch.Tensor], torch.Tensor], gather_output: bool, bias: bool,
-        skip_bias_add: bool, is_expert: bool, tp_comm_buffer_name: str | None, tp_group: Any,
+        skip_bias_add: bool, is_expert: bool, tp_comm_buffer_name: str | None, tp_group: ProcessGroup | None,
     ) -> torch.nn.Module: ...
 
 
@@ -46,9 +48,9 @@ class LinearProjBuilder(Protocol):
     """Constructor call for the ``linear_proj`` slot (row-parallel)."""
 
     def __call__(
-        self, input_size: int, output_size: int, /, *, config: Any,
+        self, input_size: int, output_size: int, /, *, config: TransformerConfig,
         init_method: Callable[[torch.Tensor], torch.Tensor], bias: bool, input_is_parallel: bool,
-        skip_bias_add: bool, is_expert: bool, tp_comm_buffer_name: str | None, tp_group: Any,
+        skip_bias_add: bool, is_expert: bool, tp_comm_buffer_name: str | None, tp_group: ProcessGroup | None,
     ) -> torch.nn.Module: ...
 
 
@@ -73,8 +75,8 @@ class Attention(MegatronModule):
     """Shared parts of self- and cross-attention: sizes, core, output projection, rotary, KV cache."""
 
     def __init__(
-        self, config: Any, submodules: Any, layer_number: int, attn_mask_type: AttnMaskType,
-        attention_type: str, cp_comm_type: str | None = None, tp_group: Any = None,
+        self, config: TransformerConfig, submodules: Any, layer_number: int, attn_mask_type: AttnMaskType,
+        attention_type: str, cp_comm_type: str | None = None, tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
         self.layer_number = layer_number
@@ -168,9 +170,9 @@ class SelfAttention(Attention):
     """
 
     def __init__(
-        self, config: Any, submodules: SelfAttentionSubmodules, layer_number: int,
+        self, config: TransformerConfig, submodules: SelfAttentionSubmodules, layer_number: int,
         attn_mask_type: AttnMaskType = AttnMaskType.padding, cp_comm_type: str | None = None,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type, "self", cp_comm_type, tp_group)
         self.linear_qkv = build_module(
@@ -234,9 +236,9 @@ class CrossAttention(Attention):
     """
 
     def __init__(
-        self, config: Any, submodules: CrossAttentionSubmodules, layer_number: int,
+        self, config: TransformerConfig, submodules: CrossAttentionSubmodules, layer_number: int,
         attn_mask_type: AttnMaskType = AttnMaskType.padding, cp_comm_type: str | None = None,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config, submodules, layer_number, attn_mask_type, "cross", cp_comm_type, tp_group)
         if config.num_query_groups != config.num_attention_heads:

@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.random import get_rng_tracker
 from megatron_core.transformer.enums import AttnMaskType
-from megatron_core.transformer.module import MegatronModule
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -51,14 +53,14 @@ class DotProductAttention(MegatronModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
         if cp_comm_type is not None:

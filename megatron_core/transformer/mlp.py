@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import (
     RankOffset,
     ReplicaId,
@@ -26,7 +28,7 @@ from megatron_core.dist_checkpointing.mapping import (
     ShardedTensor,
     ShardedTensorFactory,
 )
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 from megatron_core.transformer.spec_utils import ModuleSpec, build_module
 
 
@@ -46,14 +48,14 @@ class LinearFc1Builder(Protocol):
         output_size: int,
         /,
         *,
-        config: Any,
+        config: TransformerConfig,
         init_method: Callable[[torch.Tensor], torch.Tensor],
         gather_output: bool,
         bias: bool,
         skip_bias_add: bool,
         is_expert: bool,
         tp_comm_buffer_name: str | None,
-        tp_group: Any,
+        tp_group: ProcessGroup | None,
         stride: int = 1,
     ) -> LinearFc1Interface: ...
 
@@ -67,7 +69,7 @@ class TEActivationFunctionInterface(Protocol):
 class TEActivationFunctionBuilder(Protocol):
     """Constructor call the MLP makes for its ``activation_func`` slot."""
 
-    def __call__(self, *, config: Any) -> TEActivationFunctionInterface: ...
+    def __call__(self, *, config: TransformerConfig) -> TEActivationFunctionInterface: ...
 
 
 class LinearFc2Interface(Protocol):
@@ -85,14 +87,14 @@ class LinearFc2Builder(Protocol):
         output_size: int,
         /,
         *,
-        config: Any,
+        config: TransformerConfig,
         init_method: Callable[[torch.Tensor], torch.Tensor],
         bias: bool,
         input_is_parallel: bool,
         skip_bias_add: bool,
         is_expert: bool,
         tp_comm_buffer_name: str | None,
-        tp_group: Any,
+        tp_group: ProcessGroup | None,
     ) -> LinearFc2Interface: ...
 
 
@@ -120,12 +122,12 @@ class MLP(MegatronModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         submodules: MLPSubmodules,
         is_expert: bool = False,
         input_size: int | None = None,
         ffn_hidden_size: int | None = None,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
         self.input_size = input_size if input_size is not None else config.hidden_size

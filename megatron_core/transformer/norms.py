@@ -12,17 +12,16 @@ step (``megatron_core.transformer.utils.allreduce_tp_partial_grads``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 
 
-def _tag_sequence_parallel(module: torch.nn.Module, config: Any) -> None:
+def _tag_sequence_parallel(module: torch.nn.Module, config: TransformerConfig) -> None:
     for param in module.parameters(recurse=False):
-        param.sequence_parallel = bool(getattr(config, "sequence_parallel", False))  # type: ignore[attr-defined]
+        param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
 
 class LayerNorm(MegatronModule):
@@ -35,12 +34,12 @@ class LayerNorm(MegatronModule):
         eps: added to the variance.
     """
 
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__(config)
         self.hidden_size = hidden_size
         self.eps = eps
-        self.zero_centered_gamma = bool(getattr(config, "layernorm_zero_centered_gamma", False))
-        dtype = config.torch_dtype if config is not None else torch.float32
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        dtype = config.torch_dtype
         init = torch.zeros if self.zero_centered_gamma else torch.ones
         self.weight = torch.nn.Parameter(init(hidden_size, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
@@ -63,12 +62,12 @@ class RMSNorm(MegatronModule):
         eps: added to the mean square.
     """
 
-    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5) -> None:
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__(config)
         self.hidden_size = hidden_size
         self.eps = eps
-        self.zero_centered_gamma = bool(getattr(config, "layernorm_zero_centered_gamma", False))
-        dtype = config.torch_dtype if config is not None else torch.float32
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        dtype = config.torch_dtype
         init = torch.zeros if self.zero_centered_gamma else torch.ones
         self.weight = torch.nn.Parameter(init(hidden_size, dtype=dtype))
         _tag_sequence_parallel(self, config)
@@ -84,7 +83,7 @@ class RMSNorm(MegatronModule):
 NORMS: dict[str, type[LayerNorm] | type[RMSNorm]] = {"LayerNorm": LayerNorm, "RMSNorm": RMSNorm}
 
 
-def build_norm(config: Any, hidden_size: int, eps: float | None = None) -> MegatronModule:
+def build_norm(config: TransformerConfig, hidden_size: int, eps: float | None = None) -> MegatronModule:
     """The norm named by ``config.normalization`` ("LayerNorm" or "RMSNorm").
 
     Raises:
@@ -102,5 +101,5 @@ class WrappedNorm:
     Lets one local spec serve GPT (LayerNorm) and Llama (RMSNorm): the choice stays in the config.
     """
 
-    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5) -> MegatronModule:  # type: ignore[misc]
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> MegatronModule:  # type: ignore[misc]
         return build_norm(config, hidden_size, eps)

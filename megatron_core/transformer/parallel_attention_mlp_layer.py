@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_core.config import TransformerConfig
 from megatron_core.transformer.identity_op import IdentityOp
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -33,7 +34,7 @@ class ParallelAttentionMLPLayer(TransformerLayer):
     """
 
     def __init__(
-        self, config: Any, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+        self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int = 1,
         hidden_dropout: float | None = None,
     ) -> None:
         if config.layernorm_position != "pre" or config.apply_residual_connection_post_layernorm:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 
 
 class RotaryEmbedding(MegatronModule):

@@ -21,11 +21,13 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.module import MegatronModule, make_sharded_tensors_for_checkpoint
 from megatron_core.tensor_parallel import set_tensor_model_parallel_attributes
-from megatron_core.transformer.module import MegatronModule, make_sharded_tensors_for_checkpoint
 
 
 def relative_position_bucket(
@@ -72,8 +74,8 @@ class RelativePositionEmbedding(MegatronModule):
     """
 
     def __init__(
-        self, config: Any, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128,
-        tp_group: Any = None,
+        self, config: TransformerConfig, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
         if num_buckets < 4 or max_distance <= num_buckets // (4 if bidirectional else 2):

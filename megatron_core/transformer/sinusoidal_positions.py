@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 
 
 def sinusoidal_table(max_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:

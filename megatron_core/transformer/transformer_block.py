@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
+from megatron_core.module import MegatronModule, default_sharded_state_dict
 from megatron_core.tensor_parallel import random as tp_random
-from megatron_core.transformer.module import MegatronModule, default_sharded_state_dict
 from megatron_core.transformer.norms import WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec, build_module, resolve_module
 from megatron_core.transformer.transformer_layer import TransformerLayer
@@ -34,7 +35,7 @@ class TransformerBlockSubmodules:
     layer_norm: ModuleSpec | type | None = None
 
 
-def _stage_layer_counts(config: Any) -> list[int]:
+def _stage_layer_counts(config: TransformerConfig) -> list[int]:
     """Layers on each pipeline stage: first/last overrides, the rest split evenly."""
     pp = config.pipeline_model_parallel_size
     if pp == 1:
@@ -51,7 +52,7 @@ def _stage_layer_counts(config: Any) -> list[int]:
     return counts
 
 
-def _pipeline_rank(config: Any) -> int:
+def _pipeline_rank(config: TransformerConfig) -> int:
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     if pp_size != config.pipeline_model_parallel_size:
         raise ValueError(
@@ -61,12 +62,12 @@ def _pipeline_rank(config: Any) -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
 
-def get_num_layers_to_build(config: Any) -> int:
+def get_num_layers_to_build(config: TransformerConfig) -> int:
     """How many layers this pipeline stage holds."""
     return _stage_layer_counts(config)[_pipeline_rank(config)]
 
 
-def get_transformer_layer_offset(config: Any) -> int:
+def get_transformer_layer_offset(config: TransformerConfig) -> int:
     """Global index of this stage's first layer."""
     return sum(_stage_layer_counts(config)[:_pipeline_rank(config)])
 
@@ -81,7 +82,7 @@ def _sharded_state_dict_of(
     return default_sharded_state_dict(module, prefix, sharded_offsets, metadata)
 
 
-def _block_submodules(config: Any, spec: Any) -> TransformerBlockSubmodules:
+def _block_submodules(config: TransformerConfig, spec: Any) -> TransformerBlockSubmodules:
     if isinstance(spec, TransformerBlockSubmodules):
         return spec
     if isinstance(spec, ModuleSpec):
@@ -108,7 +109,7 @@ class TransformerBlock(MegatronModule):
     """
 
     def __init__(
-        self, config: Any, spec: Any, post_layer_norm: bool = True, pre_process: bool = True,
+        self, config: TransformerConfig, spec: Any, post_layer_norm: bool = True, pre_process: bool = True,
         post_process: bool = True,
     ) -> None:
         super().__init__(config)

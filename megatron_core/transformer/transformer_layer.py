@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.random import get_rng_tracker
 from megatron_core.transformer.identity_op import IdentityFuncOp, IdentityOp
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.spec_utils import ModuleSpec, build_module
 
 SpecSlot = ModuleSpec | type | Any
@@ -53,7 +54,7 @@ class TransformerLayer(MegatronModule):
     """
 
     def __init__(
-        self, config: Any, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+        self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int = 1,
         hidden_dropout: float | None = None,
     ) -> None:
         super().__init__(config)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
@@ -40,7 +41,7 @@ def has_tp_partial_grad(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "sequence_parallel", False) or getattr(param, "tp_partial_grad", False))
 
 
-def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: Any = None) -> None:
+def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: ProcessGroup | None = None) -> None:
     """Sum over the TP group the gradients that each TP rank holds only in part.
 
     Two kinds of replicated parameters see only part of the data on each rank: with sequence

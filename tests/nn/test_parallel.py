@@ -15,9 +15,9 @@ import torch
 import megatron_core.nn as mnn
 from megatron_core import dist_checkpointing
 from megatron_core import parallel_state as ps
+from megatron_core.module import default_sharded_state_dict
 from megatron_core.tensor_parallel import TensorParallelError
 from megatron_core.testing import run_distributed
-from megatron_core.transformer.module import default_sharded_state_dict
 from tests.nn.helpers import local_grads, max_diff, merge_ranks
 
 B, S, IN, OUT, VOCAB, D, HEADS, FF = 2, 5, 8, 12, 16, 32, 4, 64

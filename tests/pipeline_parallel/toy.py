@@ -18,6 +18,8 @@ from megatron_core import parallel_state
 class ToyConfig:
     hidden_size: int
     sequence_parallel: bool = False
+    bf16: bool = False
+    fp16: bool = False
     torch_dtype: torch.dtype = torch.float32
 
 

@@ -8,17 +8,17 @@ the MLM head is the model's column-parallel ``output_layer``.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 
+from megatron_core.config import TransformerConfig
 from megatron_core.models.common.embeddings import LanguageModelEmbedding
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.random import get_rng_tracker
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.norms import build_norm
 
 
-def replicated_linear(config: Any, in_features: int, out_features: int) -> torch.nn.Linear:
+def replicated_linear(config: TransformerConfig, in_features: int, out_features: int) -> torch.nn.Linear:
     """A ``torch.nn.Linear`` held whole on every TP rank: weight from ``config.init_method``, zero bias."""
     layer = torch.nn.Linear(in_features, out_features, dtype=config.torch_dtype)
     with torch.no_grad():
@@ -43,7 +43,7 @@ class BertEmbedding(LanguageModelEmbedding):
     """
 
     def __init__(
-        self, config: Any, vocab_size: int, max_sequence_length: int, num_tokentypes: int, add_layernorm: bool
+        self, config: TransformerConfig, vocab_size: int, max_sequence_length: int, num_tokentypes: int, add_layernorm: bool
     ) -> None:
         super().__init__(config, vocab_size, max_sequence_length, "learned_absolute", num_tokentypes)
         self.layernorm: torch.nn.Module | None = None
@@ -75,7 +75,7 @@ class Pooler(MegatronModule):
         config: the TransformerConfig.
     """
 
-    def __init__(self, hidden_size: int, config: Any) -> None:
+    def __init__(self, hidden_size: int, config: TransformerConfig) -> None:
         super().__init__(config)
         self.dense = replicated_linear(config, hidden_size, hidden_size)
 
@@ -92,7 +92,7 @@ class BertLMHead(MegatronModule):
         config: the TransformerConfig (``activation_func``, ``normalization``, ``layernorm_epsilon``).
     """
 
-    def __init__(self, hidden_size: int, config: Any) -> None:
+    def __init__(self, hidden_size: int, config: TransformerConfig) -> None:
         super().__init__(config)
         self.dense = replicated_linear(config, hidden_size, hidden_size)
         self.activation = config.activation

@@ -16,10 +16,9 @@ Checkpoint keys are Megatron-Core's: ``embedding.{word,position,tokentype}_embed
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from megatron_core.config import TransformerConfig
 from megatron_core.models.bert.bert_heads import BertEmbedding, BertLMHead, Pooler, replicated_linear
 from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.models.common.masks import padding_mask
@@ -29,7 +28,7 @@ from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
 
-def _check_supported(config: Any, pre_process: bool, post_process: bool) -> None:
+def _check_supported(config: TransformerConfig, pre_process: bool, post_process: bool) -> None:
     if config.sequence_parallel:
         raise NotImplementedError(
             "BertModel does not support sequence_parallel yet (the pooler reads the whole sequence); "
@@ -63,7 +62,7 @@ class BertModel(LanguageModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         transformer_layer_spec: ModuleSpec | TransformerBlockSubmodules,
         vocab_size: int,
         max_sequence_length: int,

@@ -9,19 +9,21 @@ of the sequence, ``[s/tp, b, h]``, and its dropout draws from the model-parallel
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Literal
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel import VocabParallelEmbedding, scatter_to_sequence_parallel_region
 from megatron_core.tensor_parallel.random import get_rng_tracker
-from megatron_core.transformer.module import MegatronModule
 
 PositionEmbeddingType = Literal["learned_absolute", "rope", "none"]
 
 
-def _replicated_embedding(num: int, dim: int, config: Any) -> torch.nn.Embedding:
+def _replicated_embedding(num: int, dim: int, config: TransformerConfig) -> torch.nn.Embedding:
     # Drawn in fp32 and cast, as the parallel layers do: the same seed then gives the same weights
     # in every params_dtype (a bf16 draw consumes the RNG differently on some torch versions).
     weight = torch.empty(num, dim, dtype=torch.float32)
@@ -46,13 +48,13 @@ class LanguageModelEmbedding(MegatronModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         vocab_size: int,
         max_sequence_length: int,
         position_embedding_type: PositionEmbeddingType = "learned_absolute",
         num_tokentypes: int = 0,
         scatter_to_sequence_parallel: bool = True,
-        tp_group: Any = None,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
         if position_embedding_type not in ("learned_absolute", "rope", "none"):

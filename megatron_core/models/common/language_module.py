@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict, ShardedTensor
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron_core.transformer.module import MegatronModule
 
 
 class LanguageModule(MegatronModule):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
 from megatron_core.models.common.embeddings import LanguageModelEmbedding, PositionEmbeddingType
 from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.tensor_parallel import ColumnParallelLinear
@@ -66,7 +67,7 @@ class GPTModel(LanguageModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         transformer_layer_spec: ModuleSpec | TransformerBlockSubmodules,
         vocab_size: int,
         max_sequence_length: int,

@@ -17,11 +17,12 @@ Checkpoint keys: ``embedding.word_embeddings``, ``encoder_relative_pos_emb.relat
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from megatron_core.config import TransformerConfig
 from megatron_core.models.common.embeddings import LanguageModelEmbedding
 from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.models.common.masks import padding_mask
@@ -34,7 +35,7 @@ from megatron_core.transformer.transformer_block import TransformerBlock, Transf
 T5PositionEmbeddingType = Literal["relative", "learned_absolute"]
 
 
-def _check_supported(config: Any, encoder_config: Any) -> None:
+def _check_supported(config: TransformerConfig, encoder_config: TransformerConfig) -> None:
     for name, cfg in (("config", config), ("encoder_config", encoder_config)):
         if cfg.sequence_parallel or cfg.pipeline_model_parallel_size != 1:
             raise NotImplementedError(
@@ -77,12 +78,12 @@ class T5Model(LanguageModule):
 
     def __init__(
         self,
-        config: Any,
+        config: TransformerConfig,
         transformer_encoder_layer_spec: ModuleSpec | TransformerBlockSubmodules,
         transformer_decoder_layer_spec: ModuleSpec | TransformerBlockSubmodules,
         vocab_size: int,
         max_sequence_length: int,
-        encoder_config: Any = None,
+        encoder_config: TransformerConfig | None = None,
         parallel_output: bool = True,
         share_embeddings_and_output_weights: bool = True,
         scale_decoder_outputs: bool | None = None,
@@ -117,9 +118,9 @@ class T5Model(LanguageModule):
             config, vocab_size, max_sequence_length, position_embedding_type="none" if relative else "learned_absolute"
         )
         if relative:
-            buckets = dict(num_buckets=relative_attention_num_buckets, max_distance=relative_attention_max_distance)
-            self.encoder_relative_pos_emb = RelativePositionEmbedding(encoder_config, bidirectional=True, **buckets)
-            self.decoder_relative_pos_emb = RelativePositionEmbedding(config, bidirectional=False, **buckets)
+            buckets, distance = relative_attention_num_buckets, relative_attention_max_distance
+            self.encoder_relative_pos_emb = RelativePositionEmbedding(encoder_config, True, buckets, distance)
+            self.decoder_relative_pos_emb = RelativePositionEmbedding(config, False, buckets, distance)
         self.encoder = TransformerBlock(encoder_config, transformer_encoder_layer_spec)
         self.decoder = TransformerBlock(config, transformer_decoder_layer_spec)
         self.output_layer = ColumnParallelLinear(
