@@ -1,6 +1,11 @@
 """Model resharding matrix: save a tiny GPT and a tiny Llama at TP in {1, 2, 4}, load at each of
 {1, 2, 4}: the gathered full tensors are bit-identical and the loss on a fixed batch is unchanged.
 
+Every tensor matters: before saving, every parameter (norms and biases included, which start at 1
+and 0 whatever the seed) is overwritten with values drawn from its checkpoint key (``truth``, the
+zoo harness's); the loading model is overwritten with other values (another salt), and every one of
+its tensors is asserted to differ from the saved one before the load.
+
 One 4-process run does the whole matrix: parallel_state is re-initialised for each TP size (the
 remaining ranks are data-parallel replicas, which load but never write).
 """
@@ -22,6 +27,7 @@ from megatron_core.tensor_parallel.random import model_parallel_manual_seed
 from megatron_core.testing import run_distributed
 from specs.gpt import get_gpt_layer_local_spec
 from specs.llama import LLAMA_MODEL_KWARGS, get_llama_layer_local_spec
+from tests.models.zoo_harness import fill_with_truth
 
 TPS = (1, 2, 4)
 S, B, VOCAB = 8, 2, 64
@@ -34,13 +40,17 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _model(kind: str, tp: int, seed: int) -> GPTModel:
+def _model(kind: str, tp: int, seed: int, salt: int) -> GPTModel:
+    """A model whose every tensor is its slice of ``truth(key, shape, salt)`` (the same full values at any TP)."""
     cfg = TransformerConfig(**{**BASE, **KINDS[kind], "tensor_model_parallel_size": tp})
     model_parallel_manual_seed(seed)
     if kind == "llama":
-        return GPTModel(cfg, get_llama_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=S,
-                        **LLAMA_MODEL_KWARGS)
-    return GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=S)
+        model = GPTModel(cfg, get_llama_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=S,
+                         **LLAMA_MODEL_KWARGS)
+    else:
+        model = GPTModel(cfg, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=S)
+    fill_with_truth(model, salt)
+    return model
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -73,16 +83,16 @@ def _matrix(root: str) -> dict[str, Any]:
     for tp in TPS:
         ps.initialize_model_parallel(tp)
         for kind in KINDS:
-            model = _model(kind, tp, seed=100)
+            model = _model(kind, tp, seed=100, salt=0)
             dc.save(model.sharded_state_dict(), Path(root) / f"{kind}_tp{tp}")
             saved[(kind, tp)] = (_snapshot(model), _loss(model))
         ps.destroy_model_parallel()
     for tp in TPS:
         ps.initialize_model_parallel(tp)
         for kind in KINDS:
-            reference_loss[(kind, tp)] = _loss(_model(kind, tp, seed=100))  # same weights, this TP's arithmetic
+            reference_loss[(kind, tp)] = _loss(_model(kind, tp, seed=100, salt=0))  # saved weights, this TP's sums
             for src in TPS:
-                model = _model(kind, tp, seed=200)  # different weights: everything must come from the file
+                model = _model(kind, tp, seed=200, salt=1)  # other values everywhere: all must come from the file
                 before = _snapshot(model)
                 state = dc.load(model.sharded_state_dict(), Path(root) / f"{kind}_tp{src}")
                 model.load_state_dict(state, strict=True)
@@ -105,9 +115,9 @@ def test_reshard_matrix_gpt_and_llama(tmp_path):
         for src in TPS:
             for tp in TPS:
                 full, loss, before = loaded[(kind, src, tp)]
-                # the loading model started elsewhere (seeds only move the random-initialised weights)
-                assert sum(not torch.equal(before[n], truth[n]) for n in truth) >= 8
-                assert full.keys() == truth.keys()
+                assert before.keys() == full.keys() == truth.keys()
+                same = [n for n in truth if torch.equal(before[n], truth[n])]
+                assert not same, f"{kind} TP={src}->{tp}: equal to the saved tensor before the load: {same}"
                 for name in truth:
                     assert torch.equal(full[name], truth[name]), f"{kind} TP={src}->{tp}: {name} differs"
                 assert torch.equal(loss, ref[(kind, tp)]), f"{kind} TP={src}->{tp}: loss {loss} != {ref[(kind, tp)]}"

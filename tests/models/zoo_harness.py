@@ -151,9 +151,9 @@ def build(case: str, tp: int, seed: int) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- checkpoint truth
-def truth(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The value every test checkpoint holds under ``key``: drawn from the key alone."""
-    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+def truth(key: str, shape: tuple[int, ...], salt: int = 0) -> torch.Tensor:
+    """The value every test checkpoint holds under ``key``: drawn from the key alone (and ``salt``)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()) + salt)
     return torch.randn(shape, generator=g) * 0.2
 
 
@@ -162,11 +162,12 @@ def _local_shards(model: torch.nn.Module) -> list[ShardedTensor]:
     return [leaf for _, leaf in leaves if isinstance(leaf, ShardedTensor)]
 
 
-def fill_with_truth(model: torch.nn.Module) -> None:
+def fill_with_truth(model: torch.nn.Module, salt: int = 0) -> None:
+    """Overwrite every tensor (norms and biases included) with its slice of ``truth(key, shape, salt)``."""
     with torch.no_grad():
         for sh in _local_shards(model):
             assert sh.data is not None
-            sh.data.copy_(truth(sh.key, sh.global_shape)[sh.global_slice()].reshape(sh.local_shape))
+            sh.data.copy_(truth(sh.key, sh.global_shape, salt)[sh.global_slice()].reshape(sh.local_shape))
 
 
 def mismatches_with_truth(model: torch.nn.Module) -> list[str]:
@@ -203,10 +204,12 @@ def _parity_and_save(case: str, tp: int, path: str) -> dict[str, Any]:
 def _load_and_check(case: str, tp: int, path: str) -> dict[str, Any]:
     """Build from another seed, load ``path`` (saved at another TP), compare every shard with truth."""
     model = build(case, tp, OTHER_SEED)
+    fill_with_truth(model, salt=1)  # norms start at 1 and biases at 0 whatever the seed: randomise them too
     before = mismatches_with_truth(model)
     load_into(model, path)
     outputs, _ = CASES[case][1](model, _data())
-    return {"mismatches": mismatches_with_truth(model), "mismatches_before": before, "outputs": outputs}
+    return {"mismatches": mismatches_with_truth(model), "mismatches_before": before, "outputs": outputs,
+            "keys": [sh.key for sh in _local_shards(model)]}
 
 
 def tp2_first(case: str, ckpt2: str) -> dict[str, Any]:
@@ -257,10 +260,11 @@ def check_case(case: str, tmp_path: Any, atol: float = 1e-5) -> dict[str, float]
             got["truth_outputs"], ref["loaded"]["outputs"], f"{case} TP2->TP1 outputs"))
     for what, value in diffs.items():
         assert value <= atol, f"{case}: TP=2 vs TP=1 {what} differ by {value:.3g} > {atol}"
-    assert ref["loaded"]["mismatches_before"], "the reloaded model must start from other weights"
+    loaded = ref["loaded"]
+    assert loaded["mismatches_before"] == loaded["keys"], "every tensor of the reloaded model must start elsewhere"
     assert ref["loaded"]["mismatches"] == [], f"{case} TP=2 -> TP=1: not bit-exact: {ref['loaded']['mismatches']}"
     for rank, got in enumerate(back):
-        assert got["mismatches_before"] and got["mismatches"] == [], f"{case} TP=1 -> TP=2 rank {rank}: {got['mismatches']}"
+        assert got["mismatches_before"] == got["keys"] and got["mismatches"] == [], f"{case} TP=1 -> TP=2 rank {rank}: {got['mismatches']}"
         diffs["resharded outputs"] = max(diffs["resharded outputs"], _max_diff(
             got["outputs"], ref["truth_outputs"], f"{case} TP1->TP2 outputs"))
     assert diffs["resharded outputs"] <= atol
