@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_core.config import TransformerConfig
+from megatron_core.extensions.te_usability import require_te
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron_core.transformer.bias_dropout_add import get_bias_dropout_add
@@ -23,6 +24,7 @@ from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.norms import WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from specs.common import TE_NORM, Backend, resolve_backend, te_mlp, te_self_attention
 from specs.gpt import get_mlp_local_spec
 
 
@@ -51,6 +53,35 @@ def get_bert_layer_local_spec() -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_bert_layer_te_spec(check_te: bool = True) -> ModuleSpec:
+    """The BERT layer from TE kernels, norms kept separate (``TENorm``): BERT's post-norm layers
+    normalise *after* each sublayer, so the norms cannot be fused into the next linear.
+
+    Raises:
+        TEUnavailableError: ``check_te`` and TE is not usable here.
+    """
+    if check_te:
+        require_te("get_bert_layer_te_spec()")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=ModuleSpec(module=TE_NORM),
+            self_attention=te_self_attention(AttnMaskType.padding, fused_norm=False),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=ModuleSpec(module=TE_NORM),
+            mlp=te_mlp(fused_norm=False, use_te_activation_func=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_bert_layer_spec(backend: Backend = "auto") -> ModuleSpec:
+    """The BERT layer spec for a backend: ``"te"``, ``"local"``, or ``"auto"`` (TE only when usable)."""
+    if resolve_backend(backend) == "te":
+        return get_bert_layer_te_spec()
+    return get_bert_layer_local_spec()
 
 
 def bert_config(**overrides: Any) -> TransformerConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from megatron_core.extensions.te_usability import require_te
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron_core.transformer.bias_dropout_add import get_bias_dropout_add
@@ -26,7 +27,7 @@ from megatron_core.transformer.mlp import MLP, MLPSubmodules
 from megatron_core.transformer.norms import LayerNorm, RMSNorm, WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from specs.backends import get_gpt_layer_spec, get_gpt_layer_te_spec  # noqa: F401  (re-exported: the TE spec and the backend switch)
+from specs.common import Backend, Normalization, check_dense, resolve_backend, te_mlp, te_self_attention
 
 
 def _norm_for(normalization: Literal["LayerNorm", "RMSNorm"] | None) -> type:
@@ -62,11 +63,7 @@ def get_gpt_layer_local_spec(
     Returns:
         A ``ModuleSpec`` of ``TransformerLayer`` for ``GPTModel(config, spec, ...)``.
     """
-    if num_experts is not None or moe_grouped_gemm:
-        raise NotImplementedError(
-            f"num_experts={num_experts}, moe_grouped_gemm={moe_grouped_gemm}: mixture-of-experts layers are not "
-            "implemented yet; leave num_experts=None"
-        )
+    check_dense(num_experts, moe_grouped_gemm)
     norm = _norm_for(normalization)
     return ModuleSpec(
         module=TransformerLayer,
@@ -89,3 +86,70 @@ def get_gpt_layer_local_spec(
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_gpt_layer_te_spec(
+    num_experts: int | None = None,
+    moe_grouped_gemm: bool = False,
+    qk_layernorm: bool = False,
+    normalization: Normalization = None,
+    use_te_activation_func: bool = False,
+    check_te: bool = True,
+) -> ModuleSpec:
+    """A causal self-attention + MLP layer from Transformer Engine kernels (pre-norm layers only).
+
+    Args:
+        num_experts: mixture-of-experts layers are not available yet; must be None.
+        moe_grouped_gemm: MoE option; must be False.
+        qk_layernorm: normalise queries and keys per head before attention (``TENorm``).
+        normalization: pin the fused norms to "LayerNorm" or "RMSNorm"; None follows
+            ``config.normalization`` (recommended).
+        use_te_activation_func: put a fused TE activation op in the MLP (``TEActivationOp``); its
+            activation must have an exact TE twin (not exact-erf "gelu"/"geglu").
+        check_te: raise now when TE is not usable. ``False`` only builds the spec (e.g. to write it
+            to YAML on a CPU machine); building a model from it still needs TE.
+
+    Returns:
+        A ``ModuleSpec`` of ``TransformerLayer`` for ``GPTModel(config, spec, ...)``.
+
+    Raises:
+        TEUnavailableError: TE is not usable here (message names what is missing and the local spec).
+    """
+    if check_te:
+        require_te("get_gpt_layer_te_spec()")
+    check_dense(num_experts, moe_grouped_gemm)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=te_self_attention(AttnMaskType.causal, True, qk_layernorm, normalization),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=te_mlp(True, use_te_activation_func, normalization),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_gpt_layer_spec(
+    backend: Backend = "auto",
+    *,
+    num_experts: int | None = None,
+    moe_grouped_gemm: bool = False,
+    qk_layernorm: bool = False,
+    normalization: Normalization = None,
+    use_te_activation_func: bool = False,
+) -> ModuleSpec:
+    """The GPT layer spec for a backend: ``"te"``, ``"local"``, or ``"auto"`` (TE only when usable).
+
+    Both backends build the same model with the same checkpoint keys. ``use_te_activation_func``
+    only applies to the TE spec (the local spec always uses the local activation).
+
+    Raises:
+        TEUnavailableError: ``backend="te"`` and TE is not usable here.
+    """
+    chosen = resolve_backend(backend)
+    if chosen == "te":
+        return get_gpt_layer_te_spec(num_experts, moe_grouped_gemm, qk_layernorm, normalization,
+                                     use_te_activation_func)
+    return get_gpt_layer_local_spec(num_experts, moe_grouped_gemm, qk_layernorm, normalization)

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_core.config import TransformerConfig
+from megatron_core.extensions.te_usability import require_te
 from megatron_core.transformer.spec_utils import ModuleSpec
-from specs.backends import get_llama_layer_spec, get_llama_layer_te_spec  # noqa: F401  (re-exported: the TE spec and the backend switch)
-from specs.gpt import get_gpt_layer_local_spec
+from specs.common import Backend, resolve_backend
+from specs.gpt import get_gpt_layer_local_spec, get_gpt_layer_te_spec
 
 # GPTModel arguments that make a GPT a Llama (positions and head are model choices, not config).
 LLAMA_MODEL_KWARGS: dict[str, Any] = {
@@ -34,6 +35,38 @@ def get_llama_layer_local_spec(qk_layernorm: bool = False) -> ModuleSpec:
         qk_layernorm: normalise queries and keys per head (not in Llama 2/3; some derivatives use it).
     """
     return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=None)
+
+
+def get_llama_layer_te_spec(
+    qk_layernorm: bool = False, use_te_activation_func: bool = False, check_te: bool = True
+) -> ModuleSpec:
+    """The Llama layer from TE kernels: the GPT TE layer, norms chosen by the config (RMSNorm for Llama).
+
+    Args:
+        qk_layernorm: normalise queries and keys per head.
+        use_te_activation_func: fused TE SwiGLU in the MLP.
+        check_te: raise now when TE is not usable (see ``get_gpt_layer_te_spec``).
+
+    Raises:
+        TEUnavailableError: TE is not usable here.
+    """
+    if check_te:
+        require_te("get_llama_layer_te_spec()")
+    return get_gpt_layer_te_spec(qk_layernorm=qk_layernorm, use_te_activation_func=use_te_activation_func,
+                                 check_te=False)
+
+
+def get_llama_layer_spec(
+    backend: Backend = "auto", *, qk_layernorm: bool = False, use_te_activation_func: bool = False
+) -> ModuleSpec:
+    """The Llama layer spec for a backend: ``"te"``, ``"local"``, or ``"auto"`` (TE only when usable).
+
+    Raises:
+        TEUnavailableError: ``backend="te"`` and TE is not usable here.
+    """
+    if resolve_backend(backend) == "te":
+        return get_llama_layer_te_spec(qk_layernorm, use_te_activation_func)
+    return get_llama_layer_local_spec(qk_layernorm)
 
 
 def llama_config(**overrides: Any) -> TransformerConfig:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_core.config import TransformerConfig
+from megatron_core.extensions.te_usability import require_te
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import (
     CrossAttention,
@@ -29,9 +30,20 @@ from megatron_core.transformer.attention import (
 from megatron_core.transformer.bias_dropout_add import get_bias_dropout_add
 from megatron_core.transformer.dot_product_attention import DotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.identity_op import IdentityOp
 from megatron_core.transformer.norms import WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from specs.common import (
+    TE_COLUMN_PARALLEL_LINEAR,
+    TE_DOT_PRODUCT_ATTENTION,
+    TE_LAYERNORM_LINEAR,
+    TE_ROW_PARALLEL_LINEAR,
+    Backend,
+    resolve_backend,
+    te_mlp,
+    te_self_attention,
+)
 from specs.gpt import get_mlp_local_spec
 
 
@@ -83,6 +95,69 @@ def get_t5_decoder_layer_local_spec() -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def get_t5_encoder_layer_te_spec(check_te: bool = True) -> ModuleSpec:
+    """The T5 encoder layer from TE kernels: bidirectional self-attention + MLP, norms fused (pre-norm).
+
+    Raises:
+        TEUnavailableError: ``check_te`` and TE is not usable here.
+    """
+    if check_te:
+        require_te("get_t5_encoder_layer_te_spec()")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=te_self_attention(AttnMaskType.padding, fused_norm=True),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=te_mlp(fused_norm=True, use_te_activation_func=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_t5_decoder_layer_te_spec(check_te: bool = True) -> ModuleSpec:
+    """The T5 decoder layer from TE kernels; the cross-attention norm is fused into ``linear_q``
+    (it normalises the queries' input only; keys/values come from the encoder output as they are).
+
+    Raises:
+        TEUnavailableError: ``check_te`` and TE is not usable here.
+    """
+    if check_te:
+        require_te("get_t5_decoder_layer_te_spec()")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=te_self_attention(AttnMaskType.causal, fused_norm=True),
+            self_attn_bda=get_bias_dropout_add,
+            pre_cross_attn_layernorm=IdentityOp,
+            cross_attention=ModuleSpec(
+                module=CrossAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=CrossAttentionSubmodules(
+                    linear_q=ModuleSpec(module=TE_LAYERNORM_LINEAR),
+                    linear_kv=ModuleSpec(module=TE_COLUMN_PARALLEL_LINEAR),
+                    core_attention=ModuleSpec(module=TE_DOT_PRODUCT_ATTENTION),
+                    linear_proj=ModuleSpec(module=TE_ROW_PARALLEL_LINEAR),
+                ),
+            ),
+            cross_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=te_mlp(fused_norm=True, use_te_activation_func=False),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_t5_layer_specs(backend: Backend = "auto") -> tuple[ModuleSpec, ModuleSpec]:
+    """(encoder layer spec, decoder layer spec) for a backend: ``"te"``, ``"local"`` or ``"auto"``."""
+    if resolve_backend(backend) == "te":
+        require_te("get_t5_layer_specs(backend='te')")
+        return get_t5_encoder_layer_te_spec(check_te=False), get_t5_decoder_layer_te_spec(check_te=False)
+    return get_t5_encoder_layer_local_spec(), get_t5_decoder_layer_local_spec()
 
 
 def t5_config(version: str = "1.0", **overrides: Any) -> TransformerConfig:
