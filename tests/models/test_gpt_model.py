@@ -51,15 +51,37 @@ def test_logits_loss_and_variants():
     # Precomputed embeddings give the same logits.
     torch.testing.assert_close(model(None, None, None, decoder_input=model.embedding(ids, pos)), logits)
 
-    untied = GPTModel(_gpt_config(), get_gpt_layer_local_spec(), VOCAB, S, share_embeddings_and_output_weights=False,
-                      position_embedding_type="none")
-    keys = untied.state_dict().keys()
-    assert "output_layer.weight" in keys and "embedding.position_embeddings.weight" not in keys
-    assert untied(ids, None, None).shape == (B, S, VOCAB)
     partial = GPTModel(_gpt_config(), get_gpt_layer_local_spec(), VOCAB, S, position_embedding_type="rope",
                        rotary_percent=0.5, rotary_base=500)
     assert partial.rotary_pos_emb(S).shape == (S, 1, 1, 4)
     assert partial(ids, None, None).shape == (B, S, VOCAB)
+
+
+def test_no_position_embedding_against_hugging_face_gpt2_without_positions():
+    """``position_embedding_type="none"``, untied: Hugging Face's GPT-2 with the same weights and a zero
+    position table is the reference (norms and biases perturbed so that every tensor matters)."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_core.interop import from_hf
+
+    hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=S, n_embd=32, n_layer=2, n_head=4,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+                                        activation_function="gelu_new", initializer_range=0.2)
+    hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim < 2:
+                p.add_(0.2 * torch.randn_like(p))
+        hf.transformer.wpe.weight.zero_()
+    learned = from_hf(hf)
+    ours = GPTModel(learned.config, get_gpt_layer_local_spec(), VOCAB, S, share_embeddings_and_output_weights=False,
+                    position_embedding_type="none").eval()
+    keys = ours.state_dict().keys()
+    assert "output_layer.weight" in keys and "embedding.position_embeddings.weight" not in keys
+    state = {k: v for k, v in learned.state_dict().items() if k != "embedding.position_embeddings.weight"}
+    ours.load_state_dict(state, strict=True)
+    ids, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, None, None), hf(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_wrong_fc1_constructor_fails_at_build_naming_the_slot():

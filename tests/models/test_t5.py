@@ -75,12 +75,36 @@ def test_tied_head_is_scaled_by_inverse_sqrt_hidden():
     assert not build(share_embeddings_and_output_weights=False).scale_decoder_outputs
 
 
-def test_learned_absolute_positions_replace_the_bias():
-    model = build(position_embedding_type="learned_absolute")
-    keys = set(model.state_dict())
+def test_learned_absolute_positions_against_hugging_face_fed_embeddings():
+    """Learned positions: word + position embedding into both stacks, no relative bias anywhere.
+
+    Reference: Hugging Face's T5 holding the same weights with a zero relative bias, fed
+    ``inputs_embeds = word[ids] + pos[0..s)`` for the encoder and the decoder.
+    """
+    from megatron_core.interop import to_hf
+
+    learned = build(position_embedding_type="learned_absolute")
+    keys = set(learned.state_dict())
     assert "embedding.position_embeddings.weight" in keys and not any("relative" in k for k in keys)
+    with torch.no_grad():  # norms start at 1: make them matter; positions large enough to move the logits
+        for p in learned.parameters():
+            if p.ndim < 2:
+                p.add_(0.2 * torch.randn_like(p))
+        learned.embedding.position_embeddings.weight.normal_(0, 0.5)
+    relative = build()
+    state = {k: v for k, v in learned.state_dict().items() if "position_embeddings" not in k}
+    state.update({k: torch.zeros_like(v) for k, v in relative.state_dict().items() if "relative" in k})
+    relative.load_state_dict(state, strict=True)
+    hf = to_hf(relative).eval()
     x = batch()
-    assert model(x["enc"], x["dec"], x["mask"]).shape == (B, S_DEC, VOCAB)
+    table, word = learned.embedding.position_embeddings.weight, hf.shared.weight
+    with torch.no_grad():
+        got = learned(x["enc"], x["dec"], x["mask"])
+        want = hf(inputs_embeds=word[x["enc"]] + table[:S_ENC], attention_mask=x["mask"],
+                  decoder_inputs_embeds=word[x["dec"]] + table[:S_DEC]).logits
+        without_positions = hf(input_ids=x["enc"], attention_mask=x["mask"], decoder_input_ids=x["dec"]).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - without_positions).abs().max() > 0.1  # the positions do change the logits
 
 
 def test_refused_settings():
