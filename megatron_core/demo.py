@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_core import parallel_state
+from megatron_core import cli, parallel_state
 from megatron_core.data import AlphabetDataset, AlphabetTokenizer, collate
 from megatron_core.dist_checkpointing import read_metadata
 from megatron_core.inference import generate
@@ -103,7 +103,8 @@ def plot_loss(metrics_file: Path, png: Path) -> Path:
     return png
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    cli.ArgumentParser(prog="python -m megatron_core.demo", description=__doc__.splitlines()[0]).parse_args(argv)
     start = time.perf_counter()
     OUT.mkdir(exist_ok=True)
     # A fresh run each time: old checkpoints would be resumed, old metrics would be plotted.
@@ -158,4 +159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -20,20 +20,27 @@ Training resumes from the latest complete checkpoint in ``training.save_dir`` wh
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydantic
+import pydantic_core
 import torch
 import torch.distributed as dist
+import yaml
 
-from megatron_core import parallel_state
+from megatron_core import cli, parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.data import IndexedDatasetError
+from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.tensor_parallel import model_parallel_manual_seed
 from megatron_core.training.loop import Trainer, TrainResult, resolve_device
-from megatron_core.training.run_config import RunConfig, build_datasets, build_model
+from megatron_core.training.run_config import RunConfig, build_datasets, build_model, build_transformer_config
+from megatron_core.transformer.spec_utils import SpecError
 
 logger = logging.getLogger("megatron_core.train")
 
@@ -82,13 +89,52 @@ def run_training(run: RunConfig) -> TrainResult:
         parallel_state.destroy_model_parallel()
 
 
+def _keys(model: type[pydantic.BaseModel]) -> str:
+    return " ".join(f"{name}={field.default!r}" if field.default is not pydantic_core.PydanticUndefined
+                    and field.default is not None else name for name, field in model.model_fields.items())
+
+
+def config_help() -> str:
+    """The ``--help`` epilog: every section of a run YAML and the keys ``--set`` accepts (with defaults)."""
+    lines = ["config sections (top-level YAML keys); --set SECTION.KEY=VALUE overrides one key:"]
+    sections: list[tuple[str, str]] = [
+        ("transformer", "TransformerConfig fields: " + " ".join(TransformerConfig.model_fields)),
+        ("spec", "dotted path of a spec function or ModuleSpec (default specs.gpt.get_gpt_layer_local_spec), "
+                 "or the YAML spec form"),
+        ("spec_args", "keyword arguments of the spec function"),
+    ]
+    for name, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            sections.append((name, _keys(annotation)))
+    for name, text in sections:
+        lines.append(textwrap.fill(text, width=100, initial_indent=f"  {name + ':':<13}",
+                                   subsequent_indent=" " * 15))
+    return "\n".join(lines)
+
+
+def _read_run_config(path: str, overrides: list[str]) -> RunConfig:
+    if not Path(path).is_file():
+        raise cli.UserError(f"config file {path} not found; pass --config with a run YAML "
+                            "(e.g. examples/alphabet_gpt.yaml)")
+    try:
+        run = RunConfig.from_yaml(path, overrides)
+        build_transformer_config(run)  # fail here, before any process group, on e.g. heads vs TP
+        return run
+    except pydantic.ValidationError as err:
+        raise cli.UserError(f"{path}: {cli.format_validation_error(err)}; fix the file or the --set value") from err
+    except yaml.YAMLError as err:
+        raise cli.UserError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+
+
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    parser = argparse.ArgumentParser(prog="python -m megatron_core.train", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m megatron_core.train", description=__doc__.splitlines()[0],
+                                epilog=config_help())
     parser.add_argument("--config", required=True, help="run YAML (see examples/alphabet_gpt.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one entry, e.g. training.train_iters=50 (repeatable)")
+                        help="override one entry, e.g. training.train_iters=50 (repeatable; keys below)")
     args = parser.parse_args(argv)
-    run = RunConfig.from_yaml(args.config, args.overrides)
+    run = _read_run_config(args.config, args.overrides)
     created = init_distributed(run.training.device)
     logging.basicConfig(level=logging.INFO if _rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -103,5 +149,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             dist.destroy_process_group()
 
 
+#: What ``python -m megatron_core.train`` answers in one line (exit 2) instead of a traceback.
+USER_ERRORS = (CheckpointingError, IndexedDatasetError, SpecError)
+
 if __name__ == "__main__":
-    main()
+    cli.run(main, user_errors=USER_ERRORS)

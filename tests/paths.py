@@ -6,3 +6,5 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MCORE_GPT_FIXTURE = FIXTURES / "mcore_gpt_local_spec.pt"
+MMIDX_FIXTURES = FIXTURES / "mmidx"
+MCORE_TORCH_DIST_FIXTURE = FIXTURES / "mcore_torch_dist_gpt"

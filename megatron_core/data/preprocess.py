@@ -10,14 +10,14 @@ separated paragraph with ``--split-paragraphs``), byte-tokenized, each ending in
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from megatron_core.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from megatron_core import cli
+from megatron_core.data.indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_dtype
 from megatron_core.data.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def build_from_text(paths: Sequence[str | Path], output_prefix: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m megatron_core.data.preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--split-paragraphs", action="store_true", help="one document per blank-line paragraph")
@@ -65,4 +65,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, user_errors=(IndexedDatasetError,))

@@ -9,15 +9,14 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from megatron_core import cli
 from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
 from megatron_core.dist_checkpointing.planner import box_of, plan_reads
@@ -92,7 +91,7 @@ def verify(path: Path, metadata: CheckpointMetadata) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_core.dist_checkpointing",
+    parser = cli.ArgumentParser(prog="python -m megatron_core.dist_checkpointing",
                                      description="Inspect or verify a megatron_core checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("inspect", "keys, shapes, dtypes, shard grid, bytes, saving parallel sizes"),
@@ -111,8 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `... inspect DIR | head`: the reader went away, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    cli.run(main, user_errors=(CheckpointingError,))  # also: `... inspect DIR | head` exits quietly

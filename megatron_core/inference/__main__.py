@@ -8,19 +8,20 @@ was trained at. Greedy by default; ``--temperature``, ``--top-k`` and ``--top-p`
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
 
+from megatron_core import cli
 from megatron_core.data import AlphabetTokenizer
+from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.inference.generation import generate
 from megatron_core.inference.sampling import SamplingParams
 from megatron_core.training.run_config import build_tokenizer, model_from_checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m megatron_core.inference", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m megatron_core.inference", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory or a training save_dir")
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100)
@@ -45,4 +46,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, user_errors=(CheckpointingError,))

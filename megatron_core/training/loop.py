@@ -226,9 +226,11 @@ class Trainer:
         result = TrainResult(start_iteration=self.iteration, iteration=self.iteration)
         batches = MicroBatchIterator(self.train_data, s.micro_batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                      seed=s.seed, consumed_samples=self.consumed_samples)
-        bar = tqdm(total=s.train_iters, initial=self.iteration, disable=not (s.progress_bar and _is_rank0()),
-                   desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # redirected: a few lines, not thousands
+        # A bar only on a terminal; in CI, log files and batch jobs one plain line per log_interval steps.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=s.train_iters, initial=self.iteration,
+                   disable=not (s.progress_bar and interactive and _is_rank0()),
+                   desc="train", unit="step", dynamic_ncols=True, mininterval=0.1)
         while self.iteration < s.train_iters:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(s.grad_accum_steps)]
@@ -242,6 +244,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if self.iteration % s.log_interval == 0:
+                if s.progress_bar and not interactive and _is_rank0():
+                    logger.info("iteration %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", self.iteration,
+                                s.train_iters, loss, lr, grad_norm, tokens_per_s)
                 self._log({"iteration": self.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": tokens_per_s})
             if self.valid_data is not None and self._due(s.eval_interval):

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from megatron_core import parallel_state
+from megatron_core.cli import UserError
 from megatron_core.config import TransformerConfig
 from megatron_core.data import (
     AlphabetDataset,
@@ -124,7 +125,7 @@ class RunConfig(BaseModel):
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set ``data["a"]["b"]["c"]`` from ``"a.b.c=VALUE"`` (VALUE is YAML: 3, 1e-3, true, [1, 2], text)."""
     if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value, e.g. training.train_iters=50")
+        raise UserError(f"--set {item!r} must look like section.key=value, e.g. training.train_iters=50")
     dotted, raw = item.split("=", 1)
     *parents, leaf = dotted.strip().split(".")
     node = data
@@ -219,6 +220,10 @@ def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_s
     )
 
 
+class NotATrainingCheckpointError(UserError, KeyError):
+    """The checkpoint's common state has no ``run_config`` (not written by ``megatron_core.train``)."""
+
+
 class LoadedRun(NamedTuple):
     """A trained model and where it came from."""
 
@@ -250,7 +255,7 @@ def model_from_checkpoint(path: str | Path) -> LoadedRun:
         raise FileNotFoundError(f"no complete checkpoint (a directory with metadata.json) at {path} or below it")
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     if "run_config" not in common:
-        raise KeyError(f"{checkpoint}: no run_config in the common state; it was not saved by megatron_core.train. "
+        raise NotATrainingCheckpointError(f"{checkpoint}: no run_config in the common state; it was not saved by megatron_core.train. "
                        "Build the model yourself and use megatron_core.training.load_model")
     run = RunConfig.model_validate(common["run_config"])
     run = run.model_copy(update={"parallel": ParallelSection(

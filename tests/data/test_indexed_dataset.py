@@ -32,7 +32,7 @@ def test_round_trip(tmp_path, dtype):
         np.testing.assert_array_equal(ds[i], d)
     long = next(i for i, d in enumerate(docs) if len(d) > 10)
     np.testing.assert_array_equal(ds.get(long, 3, 5), docs[long][3:8])
-    with pytest.raises(IndexError, match="outside document"):
+    with pytest.raises(IndexError, match="outside sequence"):
         ds.get(long, 3, 10_000)
 
 
