@@ -21,6 +21,7 @@ from tests.pipeline_parallel.toy import (
     make_batches,
     make_weights,
     reference,
+    reference_outputs,
     stage_grads,
     toy_forward_step,
 )
@@ -52,6 +53,14 @@ def _assert_matches(losses: list[float], grads: dict[int, Any], batches: list[An
         torch.testing.assert_close(grads[i][1], b, atol=atol, rtol=0)
 
 
+def _assert_outputs(collected: list[Any], batches: list[Any]) -> None:
+    """Collected non-loss data: the whole stack's output of each micro-batch, in micro-batch order."""
+    want = reference_outputs(WEIGHTS, batches)
+    assert len(collected) == len(want)
+    for i, (got, ref) in enumerate(zip(collected, want, strict=True)):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0, msg=lambda m, i=i: f"micro-batch {i}: {m}")
+
+
 # ---------------------------------------------------------------------------- pipeline only
 def _pipeline(micro_counts: list[int]) -> list[dict[str, Any]]:
     ps.initialize_model_parallel(1, torch.distributed.get_world_size())
@@ -62,7 +71,9 @@ def _pipeline(micro_counts: list[int]) -> list[dict[str, Any]]:
         evaluation = _schedule(build_stage(WEIGHTS), BATCHES[:m], forward_only=True)
         probe = build_stage(WEIGHTS)
         _schedule(probe, BATCHES[:m], forward_only=True)
+        collected = _schedule(build_stage(WEIGHTS), BATCHES[:m], forward_only=True, collect_non_loss_data=True)
         out.append({
+            "collected": collected,
             "losses": [d["loss"].item() for d in losses],
             "eval": [d["loss"].item() for d in evaluation],
             "grads": stage_grads(stage),
@@ -81,6 +92,8 @@ def test_1f1b_matches_single_process(tmp_path, stages, micro_counts):
         assert len(results[-1]["losses"]) == m
         _assert_matches(results[-1]["losses"], _merge([r["grads"] for r in results]), BATCHES[:m])
         torch.testing.assert_close(torch.tensor(results[-1]["eval"]), torch.tensor(results[-1]["losses"]))
+        assert all(r["collected"] == [] for r in results[:-1]), "only the last stage collects outputs"
+        _assert_outputs(results[-1]["collected"], BATCHES[:m])
         assert all(r["eval_left_no_grads"] for r in results)
 
 
@@ -90,7 +103,7 @@ def test_no_pipelining_single_process():
     losses = _schedule(stage, BATCHES[:3])
     _assert_matches([d["loss"].item() for d in losses], stage_grads(stage), BATCHES[:3])
     collected = _schedule(build_stage(WEIGHTS), BATCHES[:2], forward_only=True, collect_non_loss_data=True)
-    assert [c.shape for c in collected] == [(MBS, SEQ, HIDDEN)] * 2
+    _assert_outputs(collected, BATCHES[:2])
 
 
 # ---------------------------------------------------------------------------- with data parallel

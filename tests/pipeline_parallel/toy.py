@@ -110,3 +110,11 @@ def reference(weights: list[tuple[torch.Tensor, torch.Tensor]], batches: list[di
     grads = {i: (layer.weight.grad.clone(), layer.bias.grad.clone())  # type: ignore[union-attr]
              for i, layer in enumerate(full.layers)}
     return losses, grads
+
+
+def reference_outputs(weights: list[tuple[torch.Tensor, torch.Tensor]], batches: list[dict[str, torch.Tensor]],
+                      ) -> list[torch.Tensor]:
+    """The whole stack's output ``[b, s, h]`` for each micro-batch, in one process."""
+    full = ToyStage(weights, 0, len(weights), True, True)
+    with torch.no_grad():
+        return [full(batch["x"]).transpose(0, 1) for batch in batches]
