@@ -95,6 +95,8 @@ class TransformerConfig(BaseModel):
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
     fp16: bool = False
+    # "selective": checkpoint each layer's core attention (scores/probabilities are recomputed);
+    # "full": checkpoint whole layers, chosen by recompute_method / recompute_num_layers.
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
@@ -214,11 +216,40 @@ class TransformerConfig(BaseModel):
                 "set tensor_model_parallel_size > 1 or sequence_parallel=False",
             )
         self._validate_pipeline_split()
-        if self.recompute_granularity is None and (self.recompute_method or self.recompute_num_layers):
-            raise _fail(
-                "recompute_method", self.recompute_method,
-                "recompute settings given without recompute_granularity", "set recompute_granularity='full'",
-            )
+        self._validate_recompute()
+
+    def _validate_recompute(self) -> None:
+        """Megatron-Core's rules: ``full`` needs a method and a layer count, ``selective`` takes neither."""
+        granularity, method, count = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is None:
+            if method is not None or count is not None:
+                raise _fail(
+                    "recompute_method" if method is not None else "recompute_num_layers", method or count,
+                    "recompute settings given without recompute_granularity",
+                    "set recompute_granularity='full' (or remove the setting)",
+                )
+        elif granularity == "selective":
+            if method is not None or count is not None:
+                raise _fail(
+                    "recompute_method" if method is not None else "recompute_num_layers", method or count,
+                    "recompute_granularity='selective' recomputes the core attention of every layer; it takes "
+                    "no recompute_method / recompute_num_layers",
+                    "unset them, or use recompute_granularity='full'",
+                )
+        else:
+            if method is None:
+                raise _fail(
+                    "recompute_method", None, "recompute_granularity='full' needs to know which layers to recompute",
+                    "set recompute_method='uniform' (chunks of recompute_num_layers layers) or 'block' (the first "
+                    "recompute_num_layers layers of each pipeline stage)",
+                )
+            if count is None or count > self.num_layers:
+                raise _fail(
+                    "recompute_num_layers", count,
+                    f"recompute_granularity='full' needs 1 <= recompute_num_layers <= num_layers={self.num_layers}",
+                    "set recompute_num_layers (uniform: layers per recomputed chunk; block: recomputed layers per "
+                    "pipeline stage)",
+                )
 
     def _validate_pipeline_split(self) -> None:
         pp = self.pipeline_model_parallel_size

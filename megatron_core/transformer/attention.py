@@ -26,6 +26,7 @@ from torch.distributed import ProcessGroup
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
+from megatron_core.tensor_parallel import random as tp_random
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
 from megatron_core.transformer.positional import apply_rotary_pos_emb
@@ -89,6 +90,8 @@ class Attention(MegatronModule):
         self.kv_projection_size = config.kv_channels * config.num_query_groups
         self.num_attention_heads_per_partition = config.num_attention_heads // tp
         self.num_query_groups_per_partition = config.num_query_groups // tp
+        # Selective recompute (Megatron-Core's default module set): the core attention only.
+        self.checkpoint_core_attention = config.recompute_granularity == "selective"
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
             attention_type=attention_type, cp_comm_type=cp_comm_type, tp_group=self.tp_group,
@@ -151,10 +154,26 @@ class Attention(MegatronModule):
         query, key = self._rotate(query, key, rotary_pos_emb, offset)
         if inference_params is not None:
             key, value = self._update_kv_cache(key, value, inference_params)
-        context = self.core_attention(
-            query, key, value, attention_mask, attn_mask_type=self.attn_mask_type, attention_bias=attention_bias
-        )  # [sq, b, np*hn]
+        if self.checkpoint_core_attention and self.training and torch.is_grad_enabled():
+            context = self._checkpointed_core_attention(query, key, value, attention_mask, attention_bias)
+        else:
+            context = self.core_attention(
+                query, key, value, attention_mask, attn_mask_type=self.attn_mask_type, attention_bias=attention_bias
+            )  # [sq, b, np*hn]
         return self.linear_proj(context)
+
+    def _checkpointed_core_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+        attention_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Selective recompute: keep only q, k, v (and the mask) for backward; the ``[b, np, sq, sk]``
+        scores, probabilities and dropout mask are rebuilt in backward with the same RNG states."""
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+            return self.core_attention(q, k, v, mask, attn_mask_type=self.attn_mask_type, attention_bias=bias)
+
+        return tp_random.checkpoint(core, False, query, key, value, attention_mask, attention_bias)
 
 
 class SelfAttention(Attention):

@@ -134,15 +134,21 @@ class TransformerBlock(MegatronModule):
         """The activations received from the previous pipeline stage (``[s(/tp), b, h]``)."""
         self.input_tensor = input_tensor
 
-    def _recompute_mask(self) -> list[bool]:
-        """Which local layers start a recomputed chunk (uniform) / are recomputed (block)."""
+    def recompute_plan(self) -> list[tuple[int, int, bool]]:
+        """This stage's layers as ``(start, end, recomputed)`` runs, from the config's recompute settings.
+
+        ``full`` + ``uniform``: chunks of ``recompute_num_layers`` layers, each checkpointed as one
+        (only its input is kept). ``full`` + ``block``: the first ``recompute_num_layers`` layers
+        of the stage are checkpointed one by one, the rest run normally. Otherwise (no recompute,
+        or ``selective``, which acts inside attention) every layer runs normally.
+        """
         n = len(self.layers)
-        if self.config.recompute_granularity != "full":
-            return [False] * n
         count = self.config.recompute_num_layers
-        if self.config.recompute_method == "block":
-            return [i < (count if count is not None else n) for i in range(n)]
-        return [True] * n
+        if self.config.recompute_granularity != "full" or count is None:
+            return [(i, i + 1, False) for i in range(n)]
+        if self.config.recompute_method == "uniform":
+            return [(i, min(i + count, n), True) for i in range(0, n, count)]
+        return [(i, i + 1, i < count) for i in range(n)]
 
     def _run_layers(self, start: int, end: int, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         context = kwargs.get("context")
@@ -181,18 +187,12 @@ class TransformerBlock(MegatronModule):
             attention_mask=attention_mask, context=context, context_mask=context_mask,
             rotary_pos_emb=rotary_pos_emb, inference_params=inference_params, attention_bias=attention_bias,
         )
-        recompute = self._recompute_mask() if (self.training and inference_params is None) else [False] * len(self.layers)
-        chunk = self.config.recompute_num_layers if self.config.recompute_method == "uniform" else 1
-        chunk = chunk or 1
-        i = 0
-        while i < len(self.layers):
-            if recompute[i]:
-                end = min(i + chunk, len(self.layers))
-                hidden_states = self._checkpointed(i, end, hidden_states, kwargs)
+        recompute_allowed = self.training and inference_params is None and torch.is_grad_enabled()
+        for start, end, recomputed in self.recompute_plan():
+            if recomputed and recompute_allowed:
+                hidden_states = self._checkpointed(start, end, hidden_states, kwargs)
             else:
-                end = i + 1
-                hidden_states = self._run_layers(i, end, hidden_states, kwargs)
-            i = end
+                hidden_states = self._run_layers(start, end, hidden_states, kwargs)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

@@ -50,7 +50,7 @@ def _loss_and_grads(model: GPTModel, seed: int) -> tuple[torch.Tensor, dict[str,
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("method,count", [(None, None), ("uniform", 2), ("block", 3)])
+@pytest.mark.parametrize("method,count", [("uniform", 1), ("uniform", 2), ("block", 3)])
 def test_full_recompute_gives_identical_outputs_and_grads_with_dropout(method, count):
     drop = dict(hidden_dropout=0.2, attention_dropout=0.2)
     model_parallel_manual_seed(0)
