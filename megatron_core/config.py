@@ -24,6 +24,7 @@ from megatron_core.activations import (
     activation_by_name,
     name_of_activation,
 )
+from megatron_core.config_moe import validate_moe
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -91,6 +92,25 @@ class TransformerConfig(BaseModel):
     num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
 
+    # ---- mixture of experts (Megatron-Core names; validated in megatron_core.config_moe)
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_layer_freq: int | list[int] = 1
+    moe_router_topk: int = 2
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_expert_capacity_factor: float | None = None
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "allgather"
+    moe_grouped_gemm: bool = False
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False
+    expert_model_parallel_size: int = 1
+
     # ---- precision and memory
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     bf16: bool = False
@@ -154,6 +174,7 @@ class TransformerConfig(BaseModel):
         self._validate_activation()
         self._derive_sizes()
         self._validate_parallel()
+        validate_moe(self)
         self._validate_precision()
         return self
 

@@ -6,6 +6,14 @@ pipeline-parallel groups stride over the whole world::
 
     global_rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
 
+Expert parallelism (as in Megatron-Core) is carved out of the data-parallel ranks: the data-parallel
+index splits as ``dp_rank = ep_rank + ep_size * edp_rank``. An expert-parallel group joins
+``ep_size`` consecutive data-parallel ranks (same TP and PP position): each holds a different slice
+of the experts and they exchange tokens. The expert-data-parallel group joins the ranks that hold
+the *same* experts (same TP, PP and EP position): expert gradients are averaged over it, where
+every other gradient is averaged over the full data-parallel group. Experts are split over TP like
+dense MLPs (expert tensor parallel size = TP).
+
 Without ``torch.distributed`` initialised, and with every size 1, the module behaves as a single
 process (world size 1, rank 0, group ``None``) so that nothing needs a launcher.
 
@@ -39,6 +47,12 @@ class _ParallelState:
     embedding_group: ProcessGroup | None  # first and last pipeline stage, for tied embeddings
     pp_ranks: list[int]  # global ranks of this rank's pipeline group, by stage
     embedding_ranks: list[int]
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: ProcessGroup | None = None
+    edp_size: int = 1
+    edp_rank: int = 0
+    edp_group: ProcessGroup | None = None
 
 
 _STATE: _ParallelState | None = None
@@ -55,31 +69,36 @@ def _world() -> tuple[int, int]:
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
 ) -> None:
     """Create the tensor-, data- and pipeline-parallel groups of the current world.
 
     Args:
         tensor_model_parallel_size: ranks that split each layer's weights.
         pipeline_model_parallel_size: stages the layer stack is split into.
+        expert_model_parallel_size: data-parallel ranks that split the MoE experts among them.
 
     Raises:
         ParallelStateError: torch.distributed is not initialised while a size > 1 is asked for,
-            the world size is not divisible by TP * PP, or the state is already initialised.
+            the world size is not divisible by TP * PP, the data-parallel size is not divisible
+            by EP, or the state is already initialised.
     """
     global _STATE
     if _STATE is not None:
         raise ParallelStateError(
             "model parallel state is already initialised; call destroy_model_parallel() first"
         )
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
+    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    if tp < 1 or pp < 1 or ep < 1:
         raise ParallelStateError(
-            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}: sizes must be >= 1"
+            f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}, "
+            f"expert_model_parallel_size={ep}: sizes must be >= 1"
         )
     if not (dist.is_available() and dist.is_initialized()):
-        if tp * pp != 1:
+        if tp * pp * ep != 1:
             raise ParallelStateError(
-                f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} needs "
+                f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} x "
+                f"expert_model_parallel_size={ep} needs "
                 "torch.distributed: launch with torchrun and call "
                 "torch.distributed.init_process_group() first"
             )
@@ -93,6 +112,12 @@ def initialize_model_parallel(
             f"pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} processes"
         )
     dp = world // (tp * pp)
+    if dp % ep != 0:
+        raise ParallelStateError(
+            f"expert_model_parallel_size={ep} must divide the data-parallel size {dp} (world {world} / "
+            f"(TP {tp} x PP {pp})): expert ranks are carved out of the data-parallel ranks; launch a "
+            f"multiple of {tp * pp * ep} processes or lower expert_model_parallel_size"
+        )
 
     def rank_of(t: int, d: int, p: int) -> int:
         return t + tp * (d + dp * p)
@@ -107,11 +132,21 @@ def initialize_model_parallel(
     pp_group, pp_ranks = _create_groups(pp_lists, rank)
     embedding_group, embedding_ranks = _create_groups(embedding_lists, rank)
     mp_group, _ = _create_groups(mp_lists, rank)
+    edp = dp // ep  # dp_rank = e + ep * k
+    ep_lists = [[rank_of(t, e + ep * k, p) for e in range(ep)] for p in range(pp) for k in range(edp)
+                for t in range(tp)]
+    edp_lists = [[rank_of(t, e + ep * k, p) for k in range(edp)] for p in range(pp) for e in range(ep)
+                 for t in range(tp)]
+    ep_group, _ = _create_groups(ep_lists, rank)
+    edp_group, _ = _create_groups(edp_lists, rank)
+    dp_rank = (rank // tp) % dp
     _STATE = _ParallelState(
         tp_size=tp, pp_size=pp, dp_size=dp,
         tp_rank=rank % tp, pp_rank=rank // (tp * dp), dp_rank=(rank // tp) % dp,
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, embedding_ranks=embedding_ranks,
+        ep_size=ep, ep_rank=dp_rank % ep, ep_group=ep_group,
+        edp_size=edp, edp_rank=dp_rank // ep, edp_group=edp_group,
     )
 
 
@@ -167,6 +202,33 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_rank() -> int:
     return _state().dp_rank
+
+
+# ---- expert parallel (MoE)
+def get_expert_model_parallel_group() -> ProcessGroup | None:
+    """Ranks that split the experts among them and exchange tokens (None when EP = 1 without dist)."""
+    return _state().ep_group
+
+
+def get_expert_model_parallel_world_size() -> int:
+    return _state().ep_size
+
+
+def get_expert_model_parallel_rank() -> int:
+    return _state().ep_rank
+
+
+def get_expert_data_parallel_group() -> ProcessGroup | None:
+    """Ranks holding the same experts: expert gradients are averaged over this group."""
+    return _state().edp_group
+
+
+def get_expert_data_parallel_world_size() -> int:
+    return _state().edp_size
+
+
+def get_expert_data_parallel_rank() -> int:
+    return _state().edp_rank
 
 
 # ---- pipeline parallel

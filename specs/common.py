@@ -50,8 +50,9 @@ def resolve_backend(backend: Backend) -> Literal["te", "local"]:
 def check_dense(num_experts: int | None, moe_grouped_gemm: bool) -> None:
     if num_experts is not None or moe_grouped_gemm:
         raise NotImplementedError(
-            f"num_experts={num_experts}, moe_grouped_gemm={moe_grouped_gemm}: mixture-of-experts layers are not "
-            "implemented yet; leave num_experts=None"
+            f"num_experts={num_experts}, moe_grouped_gemm={moe_grouped_gemm}: mixture-of-experts layers have no "
+            "Transformer Engine spec yet; use specs.gpt.get_gpt_layer_local_spec(num_experts=...) or leave "
+            "num_experts=None"
         )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from megatron_core.config import TransformerConfig
+from megatron_core.config_moe import moe_layer_pattern
 from megatron_core.extensions.te_usability import require_te
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -26,8 +28,14 @@ from megatron_core.transformer.identity_op import IdentityOp
 from megatron_core.transformer.mlp import MLP, MLPSubmodules
 from megatron_core.transformer.norms import LayerNorm, RMSNorm, WrappedNorm
 from megatron_core.transformer.spec_utils import ModuleSpec
+from megatron_core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+    get_transformer_layer_offset,
+)
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from specs.common import Backend, Normalization, check_dense, resolve_backend, te_mlp, te_self_attention
+from specs.moe import get_moe_module_spec
 
 
 def _norm_for(normalization: Literal["LayerNorm", "RMSNorm"] | None) -> type:
@@ -55,16 +63,19 @@ def get_gpt_layer_local_spec(
     """A causal self-attention + MLP layer from local kernels.
 
     Args:
-        num_experts: mixture-of-experts layers are not available yet; must be None.
-        moe_grouped_gemm: MoE option; must be False.
+        num_experts: an MoE layer (``MoELayer``: router, experts, shared expert) in the ``mlp`` slot;
+            the count itself comes from ``config.num_moe_experts`` (as in Megatron-Core).
+        moe_grouped_gemm: ``GroupedMLP`` experts instead of ``SequentialMLP``.
         qk_layernorm: normalise queries and keys per head before attention.
         normalization: pin the norm class; None lets ``config.normalization`` decide (recommended).
 
     Returns:
         A ``ModuleSpec`` of ``TransformerLayer`` for ``GPTModel(config, spec, ...)``.
     """
-    check_dense(num_experts, moe_grouped_gemm)
+    if moe_grouped_gemm and num_experts is None:
+        raise ValueError("moe_grouped_gemm=True needs num_experts: grouped GEMMs only apply to MoE experts")
     norm = _norm_for(normalization)
+    mlp = get_moe_module_spec(moe_grouped_gemm) if num_experts is not None else get_mlp_local_spec()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -82,7 +93,7 @@ def get_gpt_layer_local_spec(
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=get_mlp_local_spec(),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )
@@ -99,8 +110,8 @@ def get_gpt_layer_te_spec(
     """A causal self-attention + MLP layer from Transformer Engine kernels (pre-norm layers only).
 
     Args:
-        num_experts: mixture-of-experts layers are not available yet; must be None.
-        moe_grouped_gemm: MoE option; must be False.
+        num_experts: MoE layers have a local spec only (``get_gpt_layer_local_spec``); must be None here.
+        moe_grouped_gemm: MoE option; must be False here.
         qk_layernorm: normalise queries and keys per head before attention (``TENorm``).
         normalization: pin the fused norms to "LayerNorm" or "RMSNorm"; None follows
             ``config.normalization`` (recommended).
@@ -153,3 +164,25 @@ def get_gpt_layer_spec(
         return get_gpt_layer_te_spec(num_experts, moe_grouped_gemm, qk_layernorm, normalization,
                                      use_te_activation_func)
     return get_gpt_layer_local_spec(num_experts, moe_grouped_gemm, qk_layernorm, normalization)
+
+
+def get_gpt_decoder_block_spec(
+    config: TransformerConfig, use_transformer_engine: bool = False,
+    normalization: Literal["LayerNorm", "RMSNorm"] | None = None, qk_layernorm: bool = False,
+) -> TransformerBlockSubmodules:
+    """One layer spec per layer of this pipeline stage: MoE where ``config.moe_layer_freq`` says, else dense.
+
+    Megatron-Core's function of the same name, with local kernels only.
+
+    Raises:
+        ValueError: ``use_transformer_engine=True`` (no TE MoE spec yet).
+    """
+    if use_transformer_engine:
+        raise ValueError("use_transformer_engine=True: MoE layers have local specs only; pass False")
+    dense = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    moe = get_gpt_layer_local_spec(config.num_moe_experts, config.moe_grouped_gemm, qk_layernorm, normalization) \
+        if config.num_moe_experts is not None else dense
+    pattern = moe_layer_pattern(config)
+    offset = get_transformer_layer_offset(config)
+    layers = [moe if pattern[offset + i] else dense for i in range(get_num_layers_to_build(config))]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=_norm_for(normalization))

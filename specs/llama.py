@@ -28,13 +28,17 @@ LLAMA_MODEL_KWARGS: dict[str, Any] = {
 }
 
 
-def get_llama_layer_local_spec(qk_layernorm: bool = False) -> ModuleSpec:
+def get_llama_layer_local_spec(
+    qk_layernorm: bool = False, num_experts: int | None = None, moe_grouped_gemm: bool = False
+) -> ModuleSpec:
     """The Llama layer from local kernels: the GPT layer with config-chosen norms.
 
     Args:
         qk_layernorm: normalise queries and keys per head (not in Llama 2/3; some derivatives use it).
+        num_experts: an MoE MLP (Mixtral / Qwen-MoE; see ``specs.mixtral``); None for the dense MLP.
+        moe_grouped_gemm: grouped-GEMM experts (``GroupedMLP``).
     """
-    return get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=None)
+    return get_gpt_layer_local_spec(num_experts, moe_grouped_gemm, qk_layernorm=qk_layernorm, normalization=None)
 
 
 def get_llama_layer_te_spec(

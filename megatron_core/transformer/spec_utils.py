@@ -129,6 +129,8 @@ def check_fits_protocol(value: Any, protocol: type, slot_path: str) -> None:
         return
     if isinstance(value, ModuleSpec):
         target, preset = resolve_module(value.module), dict(value.params)
+        if value.submodules is not None:  # build_module passes them as submodules=
+            preset["submodules"] = value.submodules
     else:
         target, preset = resolve_module(value), {}
     try:

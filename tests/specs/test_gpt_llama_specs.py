@@ -45,8 +45,7 @@ def test_spec_options():
     assert "decoder.layers.0.self_attention.k_layernorm.weight" in model.state_dict()
     assert isinstance(GPTModel(_config(), get_gpt_layer_local_spec(), 64, 16).decoder.layers[0].input_layernorm,
                       LayerNorm)
-    with pytest.raises(NotImplementedError, match="num_experts"):
-        get_gpt_layer_local_spec(num_experts=4)
+    assert get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module.__name__ == "MoELayer"
     with pytest.raises(ValueError, match="normalization"):
         get_gpt_layer_local_spec(normalization="BatchNorm")  # type: ignore[arg-type]
 

@@ -1,0 +1,105 @@
+"""GroupedMLP: all local experts in one grouped GEMM per projection (``torch._grouped_mm``).
+
+torch 2.13 has ``torch._grouped_mm`` on the CPU too (a private op; forward and backward): one call
+multiplies each contiguous block of rows by its own expert's matrix. Its kernels need row strides
+that are multiples of 16 bytes; when a width is not (or the op is missing), the same maths runs as a
+loop of matmuls over the experts. No biases (as Megatron-Core's ``GroupedMLP``).
+
+The parameters are ``SequentialMLP``'s (one ``MLP`` per expert, same names, init, sharded state dict
+and optimizer entries); the forward stacks the experts' ``linear_fc1.weight`` / ``linear_fc2.weight``
+into ``[n_local, out, in]`` (a weight-sized copy per step) and runs one grouped GEMM per projection.
+So the two expert modules load each other's state dicts and checkpoints, and the Megatron-Core
+fixture loads into both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.config import TransformerConfig
+from megatron_core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+from megatron_core.transformer.mlp import MLPSubmodules
+from megatron_core.transformer.moe.experts import SequentialMLP, weights_for_tp_split
+
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (grouped_mm rejects expanded grads)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _aligned(x: torch.Tensor, *widths: int) -> bool:
+    return all((w * x.element_size()) % 16 == 0 for w in widths)
+
+
+def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``x [N, in]`` rows grouped by ``counts`` times ``weights [n, out, in]``^T -> ``[N, out]``."""
+    n, out_features, in_features = weights.shape
+    if _GROUPED_MM is not None and x.dtype == weights.dtype and _aligned(x, in_features, out_features):
+        offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+        y = _GROUPED_MM(x.contiguous(), weights.transpose(1, 2), offs=offs)
+        return _ContiguousGrad.apply(y)
+    parts = [chunk @ weights[e].t() for e, chunk in enumerate(x.split(counts))]
+    return torch.cat(parts, dim=0)
+
+
+class GroupedMLP(SequentialMLP):
+    """``SequentialMLP``'s experts (same parameters, names, init and checkpoint entries), run as two
+    grouped GEMMs over all local experts instead of a Python loop.
+
+    Args:
+        num_local_experts: experts held by this rank.
+        config: the TransformerConfig (``moe_ffn_hidden_size``; no ``add_bias_linear``).
+        submodules: the experts' linears; defaults to the local column/row-parallel linears.
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig,
+                 submodules: MLPSubmodules | None = None) -> None:
+        if config.add_bias_linear:
+            raise ValueError("GroupedMLP: add_bias_linear=True; grouped experts have no biases. Fix: set "
+                             "add_bias_linear=False or use SequentialMLP (moe_grouped_gemm=False)")
+        if submodules is None:
+            submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        super().__init__(num_local_experts, config, submodules)
+        self.gated = bool(config.gated_linear_unit)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_size = parallel_state.group_world_size(self.tp_group)
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = torch.chunk(x, 2, dim=-1)
+            return self.config.activation(gate) * up
+        return self.config.activation(x)
+
+    def forward(
+        self, permuted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs."""
+        counts = [int(c) for c in tokens_per_expert.tolist()]
+        # [n_local, fc1/tp, h] and [n_local, h, ffn/tp]: a copy per step, small next to the GEMMs
+        weight1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
+        weight2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        x = copy_to_tensor_model_parallel_region(permuted_tokens, self.tp_group) if self.tp_size > 1 \
+            else permuted_tokens
+        intermediate = grouped_matmul(x, weight1, counts)  # [N, fc1/tp]
+        probs = weights_for_tp_split(permuted_probs, self.tp_group)
+        intermediate = self._activate(intermediate) * probs.unsqueeze(-1).to(intermediate.dtype)
+        out = grouped_matmul(intermediate, weight2, counts)  # [N, h], partial sums over TP
+        if self.tp_size > 1:
+            out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+        return out, None
