@@ -4,10 +4,20 @@
 
 Adding a family (e.g. BERT): write ``interop/hf_bert.py`` with a subclass of
 :class:`HFFamily` (or of ``gpt_family.GPTModelFamily`` when the model of ours is a ``GPTModel``)
-that maps the config both ways (:class:`Blueprint`), the state dict both ways (use
-``layouts.fuse_qkv`` / ``split_qkv`` for the per-group QKV rows and ``registry.KeyTaker`` so that
-missing or left-over keys fail loudly), and builds both models; then add one line to
-``hf.FAMILY_MODULES``: ``"bert": "megatron_core.interop.hf_bert:BertFamily"``.
+that maps the config both ways (:class:`Blueprint`), builds both models, and returns its state-dict
+mapping from ``key_table(blueprint)``: one :class:`KeyTable` of :class:`KeyRule` (our key pattern,
+Hugging Face key pattern, forward transform, inverse transform) and :class:`Alias` (tied keys)
+entries, from which both ``state_dict_from_hf`` and ``state_dict_to_hf`` are derived (see
+``keymap.py``; ``layouts.py`` has the transform pairs: q/k/v fusion, gate/up, transpose, stacked
+experts). Then add one line to ``hf.FAMILY_MODULES``: ``"bert": "megatron_core.interop.hf_bert:BertFamily"``.
+
+Converting without models, tensor by tensor (e.g. a safetensors file)::
+
+    blueprint, table = key_table_from_hf_config(hf_config)      # or family.key_table(family.blueprint_of(model))
+    for key, tensor in table.stream(read_tensors(path), "from_hf"):   # ("to_hf" for the other way)
+        write(key, tensor)
+    table.group("model.layers.0.self_attn.q_proj.weight", "from_hf").hf   # the keys converted together
+    table.convert("model.norm.weight", tensor, "from_hf")       # one tensor -> {our key: tensor}
 """
 
 from megatron_core.interop.hf import (
@@ -15,9 +25,11 @@ from megatron_core.interop.hf import (
     blueprint_from_hf_config,
     from_hf,
     get_family,
+    key_table_from_hf_config,
     state_dict_from_hf,
     to_hf,
 )
+from megatron_core.interop.keymap import Alias, KeyGroup, KeyRule, KeyTable
 from megatron_core.interop.registry import (
     Blueprint,
     HFFamily,
@@ -28,6 +40,10 @@ from megatron_core.interop.registry import (
 
 __all__ = [
     "FAMILY_MODULES",
+    "Alias",
+    "KeyGroup",
+    "KeyRule",
+    "KeyTable",
     "Blueprint",
     "HFFamily",
     "HFInteropError",
@@ -35,6 +51,7 @@ __all__ = [
     "blueprint_from_hf_config",
     "from_hf",
     "get_family",
+    "key_table_from_hf_config",
     "register_family",
     "state_dict_from_hf",
     "to_hf",

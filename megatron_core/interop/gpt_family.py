@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from megatron_core.interop.keymap import Alias, KeyRule
 from megatron_core.interop.registry import Blueprint, HFFamily, HFInteropError, UnsupportedHFConfigError
 
 # HF activation name -> our activation_func name, for the names that compute the same function.
@@ -63,6 +64,68 @@ def ours_activation_to_hf(ours: str, preferred: str | None, default: str) -> str
         if name == ours:
             return hf_name
     raise HFInteropError(f"activation_func={ours!r} has no Hugging Face equivalent")
+
+
+def gpt2_style_config_fields(hf_config: Any) -> dict[str, Any]:
+    """``TransformerConfig`` fields read the same way from GPT-2-style configs (``GPT2Config``, ``GPTJConfig``).
+
+    Those configs share the names ``n_layer``, ``n_embd``, ``n_head``, ``n_inner``, ``resid_pdrop``,
+    ``attn_pdrop``, ``layer_norm_epsilon``, ``activation_function`` and a LayerNorm model with biases.
+    """
+    c = hf_config
+    return {
+        "num_layers": c.n_layer,
+        "hidden_size": c.n_embd,
+        "num_attention_heads": c.n_head,
+        "ffn_hidden_size": c.n_inner if c.n_inner is not None else 4 * c.n_embd,
+        "hidden_dropout": c.resid_pdrop,
+        "attention_dropout": c.attn_pdrop,
+        "layernorm_epsilon": c.layer_norm_epsilon,
+        "normalization": "LayerNorm",
+        "add_bias_linear": True,
+        "activation_func": hf_activation_to_ours(c.model_type, "activation_function", c.activation_function),
+        "init_method_std": c.initializer_range,
+    }
+
+
+def gpt2_style_hf_fields(blueprint: Blueprint, base: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`gpt2_style_config_fields` (plus vocabulary, positions, tying); ``base`` is the template."""
+    cfg, kw = blueprint.config, blueprint.model_kwargs
+    default_inner = cfg.ffn_hidden_size == 4 * cfg.hidden_size and base.get("n_inner") is None
+    return {
+        "vocab_size": kw["vocab_size"],
+        "n_positions": kw["max_sequence_length"],
+        "n_embd": cfg.hidden_size,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_attention_heads,
+        "n_inner": None if default_inner else cfg.ffn_hidden_size,
+        "activation_function": ours_activation_to_hf(cfg.activation_func, base.get("activation_function"), "gelu_new"),
+        "resid_pdrop": cfg.hidden_dropout,
+        "embd_pdrop": base.get("embd_pdrop", cfg.hidden_dropout),
+        "attn_pdrop": cfg.attention_dropout,
+        "layer_norm_epsilon": cfg.layernorm_epsilon,
+        "initializer_range": cfg.init_method_std,
+        "tie_word_embeddings": kw["share_embeddings_and_output_weights"],
+    }
+
+
+def head_rules(
+    tied: bool, embedding_hf: str, *, head_hf: str = "lm_head.weight", ours: str = "output_layer.weight",
+    strict: bool = True,
+) -> list[KeyRule | Alias]:
+    """Key rules of an output head: its own weight when untied, else an alias of the word embedding.
+
+    Args:
+        tied: ``share_embeddings_and_output_weights`` (ours then has no output weight).
+        embedding_hf: the Hugging Face key of the word embedding the head is tied to.
+        head_hf: the Hugging Face key of the head weight.
+        ours: our key of the untied head weight.
+        strict: when tied, the Hugging Face head key must be present and equal to the embedding
+            (``False``: it may be absent and is not compared).
+    """
+    if tied:
+        return [Alias(head_hf, embedding_hf, required=strict, check=strict)]
+    return [KeyRule(ours, head_hf)]
 
 
 def _rotary_settings(model: Any) -> dict[str, float]:
@@ -123,16 +186,3 @@ class GPTModelFamily(HFFamily):
         if model.position_embedding_type == "rope":
             kwargs.update(_rotary_settings(model))
         return Blueprint(self.model_type, model.config, kwargs)
-
-    @staticmethod
-    def add_output_layer(state_dict: dict[str, torch.Tensor], blueprint: Blueprint, weight: torch.Tensor) -> None:
-        """Store the untied output layer; a tied model keeps it in the word embedding only."""
-        if not blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            state_dict["output_layer.weight"] = weight
-
-    @staticmethod
-    def output_weight(state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> torch.Tensor:
-        """The output projection ``[vocab, hidden]`` of our state dict, tied or not."""
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            return state_dict["embedding.word_embeddings.weight"]
-        return state_dict["output_layer.weight"]

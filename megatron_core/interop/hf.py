@@ -25,6 +25,7 @@ import torch
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import dtype_name
+from megatron_core.interop.keymap import KeyTable
 from megatron_core.interop.registry import (
     Blueprint,
     HFFamily,
@@ -96,15 +97,25 @@ def blueprint_from_hf_config(hf_config: Any) -> Blueprint:
     return get_family(hf_config.model_type).blueprint_from_hf(hf_config)
 
 
+def key_table_from_hf_config(hf_config: Any) -> tuple[Blueprint, KeyTable]:
+    """The blueprint and the key table of a Hugging Face config, to convert tensors without models.
+
+    The config alone decides tying (``tie_word_embeddings``); a checkpoint whose head is tied
+    otherwise shows up as a missing or unexpected ``lm_head`` key when it is converted.
+    """
+    family = get_family(hf_config.model_type)
+    blueprint = family.blueprint_from_hf(hf_config)
+    return blueprint, family.key_table(blueprint)
+
+
 def state_dict_from_hf(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Any) -> tuple[Blueprint, StateDict]:
     """Convert a Hugging Face state dict to ours without building either model.
 
     Returns:
         The blueprint (config + model arguments) and the state dict with our names and layouts.
     """
-    family = get_family(hf_config.model_type)
-    blueprint = family.blueprint_from_hf(hf_config)
-    return blueprint, family.state_dict_from_hf(hf_state_dict, blueprint)
+    blueprint, table = key_table_from_hf_config(hf_config)
+    return blueprint, table.from_hf(hf_state_dict)
 
 
 def _load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:

@@ -19,20 +19,18 @@ trains every row, which changes training, not the converted model's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import HF_ACTIVATIONS, hf_activation_to_ours, ours_activation_to_hf
-from megatron_core.interop.layouts import fuse_qkv, split_qkv
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import config_qkv_transforms
 from megatron_core.interop.registry import (
     Blueprint,
     HFFamily,
     HFInteropError,
-    KeyTaker,
-    StateDict,
     UnsupportedHFConfigError,
     drop_token_ids_outside_vocab,
 )
@@ -191,71 +189,32 @@ class BertFamily(HFFamily):
         return getattr(transformers, name)._from_config(hf_config, **kwargs)
 
     # ------------------------------------------------------------------ state dicts
-    @staticmethod
-    def _head_pairs(blueprint: Blueprint) -> tuple[tuple[str, str], ...]:
-        return _HEAD_PAIRS + (_BINARY_PAIRS if blueprint.model_kwargs["add_binary_head"] else ())
-
-    @staticmethod
-    def _dims(cfg: TransformerConfig) -> dict[str, int]:
-        assert cfg.kv_channels is not None
-        heads = cfg.num_attention_heads
-        return {"num_heads": heads, "num_groups": heads, "head_dim": cfg.kv_channels}
-
-    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
-        take = KeyTaker(hf_state_dict, "bert state dict", ignore=("position_ids", "token_type_ids"))
-        out: StateDict = {ours: take(hf) for hf, ours in _EMBEDDINGS}
-        for hf, ours in self._head_pairs(blueprint):
-            for suffix in (".weight", ".bias"):
-                out[ours + suffix] = take(hf + suffix)
-        for i in range(cfg.num_layers):
-            hf, ours = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
-            attn = hf + "attention.self."
-            for suffix in ("weight", "bias"):
-                out[ours + f"self_attention.linear_qkv.{suffix}"] = fuse_qkv(
-                    take(attn + f"query.{suffix}"), take(attn + f"key.{suffix}"), take(attn + f"value.{suffix}"),
-                    **self._dims(cfg),
-                )
-                for hf_name, our_name in _LAYER_PAIRS:
-                    out[ours + f"{our_name}.{suffix}"] = take(hf + f"{hf_name}.{suffix}")
-        decoder_weight = take("cls.predictions.decoder.weight")
-        decoder_bias = take("cls.predictions.decoder.bias")
-        head_bias = take("cls.predictions.bias")
-        if tied:
-            if not torch.equal(decoder_weight, out["embedding.word_embeddings.weight"]):
-                raise HFInteropError(
-                    "bert: the config ties the MLM decoder to the word embeddings but their weights differ. "
-                    "Fix: convert the model object (from_hf reads the tie from it) or set tie_word_embeddings=False"
-                )
-            # Both biases are one parameter when tied; the decoder weight is the word table.
-            out["output_layer.bias"] = head_bias
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        """BERT's keys: separate ``query``/``key``/``value`` -> per-head ``linear_qkv``, heads by name."""
+        kw = blueprint.model_kwargs
+        ours, hf = "encoder.layers.{layer}.", "bert.encoder.layer.{layer}."
+        pairs = _HEAD_PAIRS + (_BINARY_PAIRS if kw["add_binary_head"] else ())
+        rules: list[KeyRule | Alias] = [
+            *(KeyRule(our_key, hf_key) for hf_key, our_key in _EMBEDDINGS),
+            *(KeyRule(our_name + ".{p}", hf_name + ".{p}") for hf_name, our_name in pairs),
+            KeyRule(ours + "self_attention.linear_qkv.{p}",
+                    tuple(hf + f"attention.self.{x}.{{p}}" for x in ("query", "key", "value")),
+                    *config_qkv_transforms(blueprint.config)),
+            *(KeyRule(ours + our_name + ".{p}", hf + hf_name + ".{p}") for hf_name, our_name in _LAYER_PAIRS),
+        ]
+        if kw["share_embeddings_and_output_weights"]:
+            # One bias parameter under both names; the decoder weight is the word table.
+            rules += [
+                Alias("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight", check=True),
+                KeyRule("output_layer.bias", "cls.predictions.bias"),
+                Alias("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            ]
         else:
-            out["output_layer.weight"] = decoder_weight
-            out["output_layer.bias"] = decoder_bias  # the one Hugging Face's forward adds
-        take.finish()
-        return out
-
-    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg, tied = blueprint.config, blueprint.model_kwargs["share_embeddings_and_output_weights"]
-        take = KeyTaker(state_dict, "our BERT state dict", ignore=("_extra_state",))
-        out: StateDict = {hf: take(ours) for hf, ours in _EMBEDDINGS}
-        for hf, ours in self._head_pairs(blueprint):
-            for suffix in (".weight", ".bias"):
-                out[hf + suffix] = take(ours + suffix)
-        for i in range(cfg.num_layers):
-            hf, ours = f"bert.encoder.layer.{i}.", f"encoder.layers.{i}."
-            attn = hf + "attention.self."
-            for suffix in ("weight", "bias"):
-                q, k, v = split_qkv(take(ours + f"self_attention.linear_qkv.{suffix}"), **self._dims(cfg))
-                out.update({attn + f"query.{suffix}": q, attn + f"key.{suffix}": k, attn + f"value.{suffix}": v})
-                for hf_name, our_name in _LAYER_PAIRS:
-                    out[hf + f"{hf_name}.{suffix}"] = take(ours + f"{our_name}.{suffix}")
-        bias = take("output_layer.bias")
-        out["cls.predictions.bias"] = bias
-        out["cls.predictions.decoder.bias"] = bias
-        if tied:
-            out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]
-        else:
-            out["cls.predictions.decoder.weight"] = take("output_layer.weight")
-        take.finish()
-        return out
+            # The decoder's bias is the one Hugging Face's forward adds; cls.predictions.bias is unread.
+            rules += [
+                KeyRule("output_layer.weight", "cls.predictions.decoder.weight"),
+                KeyRule("output_layer.bias", "cls.predictions.decoder.bias"),
+                Alias("cls.predictions.bias", "cls.predictions.decoder.bias"),
+            ]
+        placeholders: dict[str, int | tuple[str, ...]] = {"layer": blueprint.config.num_layers, "p": ("weight", "bias")}
+        return KeyTable("bert", rules, placeholders, hf_ignore=("position_ids", "token_type_ids"))

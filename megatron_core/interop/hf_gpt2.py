@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import (
     HF_ACTIVATIONS,
     GPTModelFamily,
-    hf_activation_to_ours,
-    ours_activation_to_hf,
+    gpt2_style_config_fields,
+    gpt2_style_hf_fields,
+    head_rules,
 )
-from megatron_core.interop.layouts import conv1d_to_linear, fuse_qkv, linear_to_conv1d, split_qkv
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import TRANSPOSE, chain, config_qkv_transforms, split_rows_transforms
 from megatron_core.interop.registry import (
     Blueprint,
-    KeyTaker,
-    StateDict,
     UnsupportedHFConfigError,
     drop_token_ids_outside_vocab,
 )
@@ -69,19 +66,9 @@ class GPT2Family(GPTModelFamily):
             )
         head_dim = c.n_embd // c.n_head
         config = TransformerConfig(
-            num_layers=c.n_layer,
-            hidden_size=c.n_embd,
-            num_attention_heads=c.n_head,
-            ffn_hidden_size=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
-            hidden_dropout=c.resid_pdrop,
-            attention_dropout=c.attn_pdrop,
-            layernorm_epsilon=c.layer_norm_epsilon,
-            normalization="LayerNorm",
-            add_bias_linear=True,
-            activation_func=hf_activation_to_ours("gpt2", "activation_function", c.activation_function),
+            **gpt2_style_config_fields(c),
             softmax_scale=None if c.scale_attn_weights else 1.0,
             attention_softmax_in_fp32=True,
-            init_method_std=c.initializer_range,
             use_scaled_init_method=True,
         )
         assert config.kv_channels == head_dim
@@ -126,23 +113,10 @@ class GPT2Family(GPTModelFamily):
         cfg, kw = blueprint.config, blueprint.model_kwargs
         base = template.to_dict() if template is not None else {}
         base.update(
-            vocab_size=kw["vocab_size"],
-            n_positions=kw["max_sequence_length"],
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_attention_heads,
-            n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size and base.get("n_inner") is None
-            else cfg.ffn_hidden_size,
-            activation_function=ours_activation_to_hf(cfg.activation_func, base.get("activation_function"), "gelu_new"),
-            resid_pdrop=cfg.hidden_dropout,
-            embd_pdrop=base.get("embd_pdrop", cfg.hidden_dropout),
-            attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.layernorm_epsilon,
-            initializer_range=cfg.init_method_std,
+            gpt2_style_hf_fields(blueprint, base),
             scale_attn_weights=cfg.softmax_scale != 1.0,
             scale_attn_by_inverse_layer_idx=False,
             add_cross_attention=False,
-            tie_word_embeddings=kw["share_embeddings_and_output_weights"],
         )
         if template is None:
             # GPT2Config defaults to GPT-2's token ids (50256), invalid in a smaller vocabulary.
@@ -150,81 +124,28 @@ class GPT2Family(GPTModelFamily):
         return GPT2Config.from_dict(base)
 
     # ------------------------------------------------------------------ state dicts
-    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg = blueprint.config
-        heads, hidden = cfg.num_attention_heads, cfg.hidden_size
-        assert cfg.kv_channels is not None
-        take = KeyTaker(hf_state_dict, "gpt2 state dict", ignore=_IGNORED_BUFFERS)
-        out: StateDict = {
-            "embedding.word_embeddings.weight": take("transformer.wte.weight"),
-            "embedding.position_embeddings.weight": take("transformer.wpe.weight"),
-        }
-        for i in range(cfg.num_layers):
-            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            # c_attn: Conv1D [h, 3h] -> Linear [3h, h] = [q; k; v], each [heads*d, h]
-            q, k, v = torch.split(conv1d_to_linear(take(hf + "attn.c_attn.weight")), hidden, dim=0)
-            qb, kb, vb = torch.split(take(hf + "attn.c_attn.bias"), hidden, dim=0)
-            dims = {"num_heads": heads, "num_groups": heads, "head_dim": cfg.kv_channels}
-            out.update({
-                ours + "input_layernorm.weight": take(hf + "ln_1.weight"),
-                ours + "input_layernorm.bias": take(hf + "ln_1.bias"),
-                ours + "self_attention.linear_qkv.weight": fuse_qkv(q, k, v, **dims),
-                ours + "self_attention.linear_qkv.bias": fuse_qkv(qb, kb, vb, **dims),
-                ours + "self_attention.linear_proj.weight": conv1d_to_linear(take(hf + "attn.c_proj.weight")),
-                ours + "self_attention.linear_proj.bias": take(hf + "attn.c_proj.bias"),
-                ours + "pre_mlp_layernorm.weight": take(hf + "ln_2.weight"),
-                ours + "pre_mlp_layernorm.bias": take(hf + "ln_2.bias"),
-                ours + "mlp.linear_fc1.weight": conv1d_to_linear(take(hf + "mlp.c_fc.weight")),
-                ours + "mlp.linear_fc1.bias": take(hf + "mlp.c_fc.bias"),
-                ours + "mlp.linear_fc2.weight": conv1d_to_linear(take(hf + "mlp.c_proj.weight")),
-                ours + "mlp.linear_fc2.bias": take(hf + "mlp.c_proj.bias"),
-            })
-        out["decoder.final_layernorm.weight"] = take("transformer.ln_f.weight")
-        out["decoder.final_layernorm.bias"] = take("transformer.ln_f.bias")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            if take.has("lm_head.weight"):
-                take("lm_head.weight")  # the same tensor as wte
-        else:
-            self.add_output_layer(out, blueprint, take("lm_head.weight"))
-        take.finish()
-        return out
-
-    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg = blueprint.config
-        heads = cfg.num_attention_heads
-        assert cfg.kv_channels is not None
-        take = KeyTaker(state_dict, "our GPT state dict", ignore=("_extra_state",))
-        out: StateDict = {
-            "transformer.wte.weight": take("embedding.word_embeddings.weight"),
-            "transformer.wpe.weight": take("embedding.position_embeddings.weight"),
-        }
-        dims = {"num_heads": heads, "num_groups": heads, "head_dim": cfg.kv_channels}
-        for i in range(cfg.num_layers):
-            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            q, k, v = split_qkv(take(ours + "self_attention.linear_qkv.weight"), **dims)
-            qb, kb, vb = split_qkv(take(ours + "self_attention.linear_qkv.bias"), **dims)
-            out.update({
-                hf + "ln_1.weight": take(ours + "input_layernorm.weight"),
-                hf + "ln_1.bias": take(ours + "input_layernorm.bias"),
-                hf + "attn.c_attn.weight": linear_to_conv1d(torch.cat([q, k, v], dim=0)),
-                hf + "attn.c_attn.bias": torch.cat([qb, kb, vb], dim=0),
-                hf + "attn.c_proj.weight": linear_to_conv1d(take(ours + "self_attention.linear_proj.weight")),
-                hf + "attn.c_proj.bias": take(ours + "self_attention.linear_proj.bias"),
-                hf + "ln_2.weight": take(ours + "pre_mlp_layernorm.weight"),
-                hf + "ln_2.bias": take(ours + "pre_mlp_layernorm.bias"),
-                hf + "mlp.c_fc.weight": linear_to_conv1d(take(ours + "mlp.linear_fc1.weight")),
-                hf + "mlp.c_fc.bias": take(ours + "mlp.linear_fc1.bias"),
-                hf + "mlp.c_proj.weight": linear_to_conv1d(take(ours + "mlp.linear_fc2.weight")),
-                hf + "mlp.c_proj.bias": take(ours + "mlp.linear_fc2.bias"),
-            })
-        out["transformer.ln_f.weight"] = take("decoder.final_layernorm.weight")
-        out["transformer.ln_f.bias"] = take("decoder.final_layernorm.bias")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            out["lm_head.weight"] = out["transformer.wte.weight"]
-            if take.has("output_layer.weight"):
-                take("output_layer.weight")
-        else:
-            out["lm_head.weight"] = take("output_layer.weight")
-        take.finish()
-        return out
-
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        """GPT-2's keys: ``Conv1D`` weights transposed, ``c_attn = [q; k; v]`` -> per-head ``linear_qkv``."""
+        qkv = config_qkv_transforms(blueprint.config)
+        ours, hf = "decoder.layers.{layer}.", "transformer.h.{layer}."
+        rules: list[KeyRule | Alias] = [
+            KeyRule("embedding.word_embeddings.weight", "transformer.wte.weight"),
+            KeyRule("embedding.position_embeddings.weight", "transformer.wpe.weight"),
+            KeyRule(ours + "input_layernorm.{p}", hf + "ln_1.{p}"),
+            KeyRule(ours + "self_attention.linear_qkv.weight", hf + "attn.c_attn.weight",
+                    *chain(TRANSPOSE, split_rows_transforms(3), qkv)),
+            KeyRule(ours + "self_attention.linear_qkv.bias", hf + "attn.c_attn.bias", *chain(split_rows_transforms(3), qkv)),
+            KeyRule(ours + "self_attention.linear_proj.weight", hf + "attn.c_proj.weight", *TRANSPOSE),
+            KeyRule(ours + "self_attention.linear_proj.bias", hf + "attn.c_proj.bias"),
+            KeyRule(ours + "pre_mlp_layernorm.{p}", hf + "ln_2.{p}"),
+            KeyRule(ours + "mlp.linear_fc1.weight", hf + "mlp.c_fc.weight", *TRANSPOSE),
+            KeyRule(ours + "mlp.linear_fc1.bias", hf + "mlp.c_fc.bias"),
+            KeyRule(ours + "mlp.linear_fc2.weight", hf + "mlp.c_proj.weight", *TRANSPOSE),
+            KeyRule(ours + "mlp.linear_fc2.bias", hf + "mlp.c_proj.bias"),
+            KeyRule("decoder.final_layernorm.{p}", "transformer.ln_f.{p}"),
+            # Tied: lm_head.weight, when saved, is the same tensor as wte.
+            *head_rules(blueprint.model_kwargs["share_embeddings_and_output_weights"], "transformer.wte.weight",
+                        strict=False),
+        ]
+        return KeyTable("gpt2", rules, {"layer": blueprint.config.num_layers, "p": ("weight", "bias")},
+                        hf_ignore=_IGNORED_BUFFERS)

@@ -11,7 +11,6 @@ channels of each head with GPT-J's ``rotate_every_two`` = our interleaved rotary
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,15 +18,15 @@ import torch
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import (
     GPTModelFamily,
-    hf_activation_to_ours,
-    ours_activation_to_hf,
+    gpt2_style_config_fields,
+    gpt2_style_hf_fields,
+    head_rules,
 )
-from megatron_core.interop.layouts import fuse_qkv, split_qkv
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import config_qkv_transforms
 from megatron_core.interop.registry import (
     Blueprint,
     HFInteropError,
-    KeyTaker,
-    StateDict,
     UnsupportedHFConfigError,
     drop_token_ids_outside_vocab,
 )
@@ -71,18 +70,8 @@ class GPTJFamily(GPTModelFamily):
                                            "use n_embd divisible by n_head")
         head_dim = c.n_embd // c.n_head
         config = TransformerConfig(
-            num_layers=c.n_layer,
-            hidden_size=c.n_embd,
-            num_attention_heads=c.n_head,
-            ffn_hidden_size=c.n_inner if c.n_inner is not None else 4 * c.n_embd,
-            hidden_dropout=c.resid_pdrop,
-            attention_dropout=c.attn_pdrop,
-            layernorm_epsilon=c.layer_norm_epsilon,
-            normalization="LayerNorm",
-            add_bias_linear=True,
-            activation_func=hf_activation_to_ours("gptj", "activation_function", c.activation_function),
+            **gpt2_style_config_fields(c),
             rotary_interleaved=True,
-            init_method_std=c.initializer_range,
             use_scaled_init_method=False,
         )
         return Blueprint("gptj", config, {
@@ -142,80 +131,26 @@ class GPTJFamily(GPTModelFamily):
         cfg, kw = blueprint.config, blueprint.model_kwargs
         assert cfg.kv_channels is not None
         base = template.to_dict() if template is not None else {}
-        base.update(
-            vocab_size=kw["vocab_size"],
-            n_positions=kw["max_sequence_length"],
-            n_embd=cfg.hidden_size,
-            n_layer=cfg.num_layers,
-            n_head=cfg.num_attention_heads,
-            rotary_dim=int(cfg.kv_channels * kw["rotary_percent"]),
-            n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size and base.get("n_inner") is None
-            else cfg.ffn_hidden_size,
-            activation_function=ours_activation_to_hf(cfg.activation_func, base.get("activation_function"), "gelu_new"),
-            resid_pdrop=cfg.hidden_dropout,
-            embd_pdrop=base.get("embd_pdrop", cfg.hidden_dropout),
-            attn_pdrop=cfg.attention_dropout,
-            layer_norm_epsilon=cfg.layernorm_epsilon,
-            initializer_range=cfg.init_method_std,
-            tie_word_embeddings=kw["share_embeddings_and_output_weights"],
-        )
+        base.update(gpt2_style_hf_fields(blueprint, base), rotary_dim=int(cfg.kv_channels * kw["rotary_percent"]))
         if template is None:
             drop_token_ids_outside_vocab(base, kw["vocab_size"])
         return GPTJConfig.from_dict(base)
 
     # ------------------------------------------------------------------ state dicts
-    @staticmethod
-    def _dims(cfg: TransformerConfig) -> dict[str, int]:
-        assert cfg.kv_channels is not None
-        return {"num_heads": cfg.num_attention_heads, "num_groups": cfg.num_attention_heads, "head_dim": cfg.kv_channels}
-
-    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg = blueprint.config
-        take = KeyTaker(hf_state_dict, "gptj state dict", ignore=_IGNORED_BUFFERS)
-        out: StateDict = {"embedding.word_embeddings.weight": take("transformer.wte.weight")}
-        for i in range(cfg.num_layers):
-            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            attn = hf + "attn."
-            out[ours + "self_attention.linear_qkv.weight"] = fuse_qkv(
-                take(attn + "q_proj.weight"), take(attn + "k_proj.weight"), take(attn + "v_proj.weight"), **self._dims(cfg)
-            )
-            out[ours + "self_attention.linear_proj.weight"] = take(attn + "out_proj.weight")
-            for suffix in ("weight", "bias"):
-                out[ours + f"input_layernorm.{suffix}"] = take(hf + f"ln_1.{suffix}")
-                out[ours + f"mlp.linear_fc1.{suffix}"] = take(hf + f"mlp.fc_in.{suffix}")
-                out[ours + f"mlp.linear_fc2.{suffix}"] = take(hf + f"mlp.fc_out.{suffix}")
-        for suffix in ("weight", "bias"):
-            out[f"decoder.final_layernorm.{suffix}"] = take(f"transformer.ln_f.{suffix}")
-        head = take("lm_head.weight")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            if not torch.equal(head, out["embedding.word_embeddings.weight"]):
-                raise HFInteropError("gptj: the blueprint ties lm_head to wte but their weights differ")
-        else:
-            out["output_layer.weight"] = head
-        out["output_layer.bias"] = take("lm_head.bias")
-        take.finish()
-        return out
-
-    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg = blueprint.config
-        take = KeyTaker(state_dict, "our GPT-J state dict", ignore=("_extra_state",))
-        out: StateDict = {"transformer.wte.weight": take("embedding.word_embeddings.weight")}
-        for i in range(cfg.num_layers):
-            hf, ours = f"transformer.h.{i}.", f"decoder.layers.{i}."
-            attn = hf + "attn."
-            q, k, v = split_qkv(take(ours + "self_attention.linear_qkv.weight"), **self._dims(cfg))
-            out.update({attn + "q_proj.weight": q, attn + "k_proj.weight": k, attn + "v_proj.weight": v})
-            out[attn + "out_proj.weight"] = take(ours + "self_attention.linear_proj.weight")
-            for suffix in ("weight", "bias"):
-                out[hf + f"ln_1.{suffix}"] = take(ours + f"input_layernorm.{suffix}")
-                out[hf + f"mlp.fc_in.{suffix}"] = take(ours + f"mlp.linear_fc1.{suffix}")
-                out[hf + f"mlp.fc_out.{suffix}"] = take(ours + f"mlp.linear_fc2.{suffix}")
-        for suffix in ("weight", "bias"):
-            out[f"transformer.ln_f.{suffix}"] = take(f"decoder.final_layernorm.{suffix}")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            out["lm_head.weight"] = out["transformer.wte.weight"]
-        else:
-            out["lm_head.weight"] = take("output_layer.weight")
-        out["lm_head.bias"] = take("output_layer.bias")
-        take.finish()
-        return out
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        """GPT-J's keys: bias-free ``q/k/v_proj`` -> per-head ``linear_qkv``, a head with a bias."""
+        ours, hf = "decoder.layers.{layer}.", "transformer.h.{layer}."
+        rules: list[KeyRule | Alias] = [
+            KeyRule("embedding.word_embeddings.weight", "transformer.wte.weight"),
+            KeyRule(ours + "input_layernorm.{p}", hf + "ln_1.{p}"),
+            KeyRule(ours + "self_attention.linear_qkv.weight", tuple(hf + f"attn.{x}_proj.weight" for x in "qkv"),
+                    *config_qkv_transforms(blueprint.config)),
+            KeyRule(ours + "self_attention.linear_proj.weight", hf + "attn.out_proj.weight"),
+            KeyRule(ours + "mlp.linear_fc1.{p}", hf + "mlp.fc_in.{p}"),
+            KeyRule(ours + "mlp.linear_fc2.{p}", hf + "mlp.fc_out.{p}"),
+            KeyRule("decoder.final_layernorm.{p}", "transformer.ln_f.{p}"),
+            *head_rules(blueprint.model_kwargs["share_embeddings_and_output_weights"], "transformer.wte.weight"),
+            KeyRule("output_layer.bias", "lm_head.bias"),
+        ]
+        placeholders: dict[str, int | tuple[str, ...]] = {"layer": blueprint.config.num_layers, "p": ("weight", "bias")}
+        return KeyTable("gptj", rules, placeholders, hf_ignore=_IGNORED_BUFFERS)

@@ -10,15 +10,18 @@ so q/k rows are copied without any permutation. Output layer untied unless ``tie
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from megatron_core.config import TransformerConfig
-from megatron_core.interop.gpt_family import GPTModelFamily, hf_activation_to_ours, ours_activation_to_hf
-from megatron_core.interop.layouts import fuse_gated_fc1, fuse_qkv, split_gated_fc1, split_qkv
-from megatron_core.interop.registry import Blueprint, KeyTaker, StateDict, UnsupportedHFConfigError
+from megatron_core.interop.gpt_family import (
+    GPTModelFamily,
+    head_rules,
+    hf_activation_to_ours,
+    ours_activation_to_hf,
+)
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import GATED_FC1, config_qkv_transforms
+from megatron_core.interop.registry import Blueprint, UnsupportedHFConfigError
 
 # Gated activations of ours by the gate's elementwise function.
 _GATED = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
@@ -144,63 +147,45 @@ class LlamaFamily(GPTModelFamily):
         return LlamaConfig.from_dict(base)
 
     # ------------------------------------------------------------------ state dicts
-    @staticmethod
-    def _dims(cfg: TransformerConfig) -> dict[str, int]:
-        assert cfg.kv_channels is not None and cfg.num_query_groups is not None
-        return {"num_heads": cfg.num_attention_heads, "num_groups": cfg.num_query_groups, "head_dim": cfg.kv_channels}
+    #: Our and Hugging Face's key prefix of one decoder layer.
+    OURS_LAYER, HF_LAYER = "decoder.layers.{layer}.", "model.layers.{layer}."
 
-    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg = blueprint.config
-        dims, bias = self._dims(cfg), cfg.add_bias_linear
-        take = KeyTaker(hf_state_dict, "llama state dict", ignore=("rotary_emb.inv_freq",))
-        out: StateDict = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
-        for i in range(cfg.num_layers):
-            hf, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
-            attn, mlp = hf + "self_attn.", hf + "mlp."
-            out[ours + "input_layernorm.weight"] = take(hf + "input_layernorm.weight")
-            for suffix in ("weight", "bias") if bias else ("weight",):
-                out[ours + f"self_attention.linear_qkv.{suffix}"] = fuse_qkv(
-                    take(attn + f"q_proj.{suffix}"), take(attn + f"k_proj.{suffix}"),
-                    take(attn + f"v_proj.{suffix}"), **dims,
-                )
-                out[ours + f"self_attention.linear_proj.{suffix}"] = take(attn + f"o_proj.{suffix}")
-                out[ours + f"mlp.linear_fc1.{suffix}"] = fuse_gated_fc1(
-                    take(mlp + f"gate_proj.{suffix}"), take(mlp + f"up_proj.{suffix}")
-                )
-                out[ours + f"mlp.linear_fc2.{suffix}"] = take(mlp + f"down_proj.{suffix}")
-            out[ours + "pre_mlp_layernorm.weight"] = take(hf + "post_attention_layernorm.weight")
-        out["decoder.final_layernorm.weight"] = take("model.norm.weight")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            if take.has("lm_head.weight"):
-                take("lm_head.weight")  # the same tensor as embed_tokens
-        else:
-            self.add_output_layer(out, blueprint, take("lm_head.weight"))
-        take.finish()
-        return out
+    def attention_rules(self, blueprint: Blueprint) -> list[KeyRule | Alias]:
+        """Norms and attention of one layer: ``q/k/v_proj`` -> per-group ``linear_qkv``, ``o_proj``."""
+        ours, hf = self.OURS_LAYER, self.HF_LAYER
+        return [
+            KeyRule(ours + "input_layernorm.weight", hf + "input_layernorm.weight"),
+            KeyRule(ours + "self_attention.linear_qkv.{p}", tuple(hf + f"self_attn.{x}_proj.{{p}}" for x in "qkv"),
+                    *config_qkv_transforms(blueprint.config)),
+            KeyRule(ours + "self_attention.linear_proj.{p}", hf + "self_attn.o_proj.{p}"),
+            KeyRule(ours + "pre_mlp_layernorm.weight", hf + "post_attention_layernorm.weight"),
+        ]
 
-    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
+    def mlp_rules(self, blueprint: Blueprint) -> list[KeyRule | Alias]:
+        """The gated MLP of one layer: ``[gate_proj; up_proj]`` -> ``linear_fc1``, ``down_proj`` -> ``linear_fc2``.
+
+        A mixture-of-experts family overrides this (and :meth:`placeholders`).
+        """
+        del blueprint
+        ours, hf = self.OURS_LAYER + "mlp.", self.HF_LAYER + "mlp."
+        return [
+            KeyRule(ours + "linear_fc1.{p}", (hf + "gate_proj.{p}", hf + "up_proj.{p}"), *GATED_FC1),
+            KeyRule(ours + "linear_fc2.{p}", hf + "down_proj.{p}"),
+        ]
+
+    def placeholders(self, blueprint: Blueprint) -> dict[str, int | tuple[str, ...]]:
+        """Values of the key patterns' placeholders: layers, and the linear parameters (bias or not)."""
         cfg = blueprint.config
-        dims, bias = self._dims(cfg), cfg.add_bias_linear
-        take = KeyTaker(state_dict, "our GPT state dict", ignore=("_extra_state",))
-        out: StateDict = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")}
-        for i in range(cfg.num_layers):
-            hf, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
-            attn, mlp = hf + "self_attn.", hf + "mlp."
-            out[hf + "input_layernorm.weight"] = take(ours + "input_layernorm.weight")
-            for suffix in ("weight", "bias") if bias else ("weight",):
-                q, k, v = split_qkv(take(ours + f"self_attention.linear_qkv.{suffix}"), **dims)
-                out.update({attn + f"q_proj.{suffix}": q, attn + f"k_proj.{suffix}": k, attn + f"v_proj.{suffix}": v})
-                out[attn + f"o_proj.{suffix}"] = take(ours + f"self_attention.linear_proj.{suffix}")
-                gate, up = split_gated_fc1(take(ours + f"mlp.linear_fc1.{suffix}"))
-                out.update({mlp + f"gate_proj.{suffix}": gate, mlp + f"up_proj.{suffix}": up})
-                out[mlp + f"down_proj.{suffix}"] = take(ours + f"mlp.linear_fc2.{suffix}")
-            out[hf + "post_attention_layernorm.weight"] = take(ours + "pre_mlp_layernorm.weight")
-        out["model.norm.weight"] = take("decoder.final_layernorm.weight")
-        if blueprint.model_kwargs["share_embeddings_and_output_weights"]:
-            out["lm_head.weight"] = out["model.embed_tokens.weight"]
-            if take.has("output_layer.weight"):
-                take("output_layer.weight")
-        else:
-            out["lm_head.weight"] = take("output_layer.weight")
-        take.finish()
-        return out
+        return {"layer": cfg.num_layers, "p": ("weight", "bias") if cfg.add_bias_linear else ("weight",)}
+
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        tied = blueprint.model_kwargs["share_embeddings_and_output_weights"]
+        rules: list[KeyRule | Alias] = [
+            KeyRule("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+            *self.attention_rules(blueprint),
+            *self.mlp_rules(blueprint),
+            KeyRule("decoder.final_layernorm.weight", "model.norm.weight"),
+            # Tied: lm_head.weight, when saved, is the same tensor as embed_tokens.
+            *head_rules(tied, "model.embed_tokens.weight", strict=False),
+        ]
+        return KeyTable(self.model_type, rules, self.placeholders(blueprint), hf_ignore=("rotary_emb.inv_freq",))

@@ -17,39 +17,22 @@ the config, and ``to_hf`` unties the head of a Hugging Face model built for an u
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from megatron_core.config import TransformerConfig
-from megatron_core.interop.gpt_family import HF_ACTIVATIONS, hf_activation_to_ours, ours_activation_to_hf
-from megatron_core.interop.layouts import fuse_gated_fc1, fuse_qkv, split_gated_fc1, split_qkv
-from megatron_core.interop.registry import (
-    Blueprint,
-    HFFamily,
-    HFInteropError,
-    KeyTaker,
-    StateDict,
-    UnsupportedHFConfigError,
+from megatron_core.interop.gpt_family import (
+    HF_ACTIVATIONS,
+    head_rules,
+    hf_activation_to_ours,
+    ours_activation_to_hf,
 )
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import GATED_FC1, TransformPair, config_qkv_transforms, kv_transforms
+from megatron_core.interop.registry import Blueprint, HFFamily, HFInteropError, UnsupportedHFConfigError
 
 _MAX_SEQUENCE_LENGTH = 512  # T5 has no position table; only learned positions would read this.
-
-
-def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Separate ``k``/``v`` ``[heads * d, h]`` -> cross-attention ``linear_kv`` rows ``[k_0; v_0; k_1; v_1; ...]``."""
-    tail = k.shape[1:]
-    pairs = torch.stack([k.reshape(num_heads, head_dim, *tail), v.reshape(num_heads, head_dim, *tail)], dim=1)
-    return pairs.reshape(2 * num_heads * head_dim, *tail).contiguous()  # [heads, 2, d, h] -> [2*heads*d, h]
-
-
-def split_kv(kv: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_kv`."""
-    tail = kv.shape[1:]
-    pairs = kv.reshape(num_heads, 2, head_dim, *tail)
-    return (pairs[:, 0].reshape(num_heads * head_dim, *tail).contiguous(),
-            pairs[:, 1].reshape(num_heads * head_dim, *tail).contiguous())
 
 
 def _activation(hf_config: Any) -> tuple[str, bool]:
@@ -223,104 +206,52 @@ class T5Family(HFFamily):
                 tied.pop("lm_head.weight", None)
 
     # ------------------------------------------------------------------ state dicts
-    @staticmethod
-    def _heads(cfg: TransformerConfig) -> tuple[int, int]:
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        """T5's keys: one shared embedding, per-stack relative bias, per-head ``linear_qkv`` / ``linear_kv``."""
+        cfg, kw = blueprint.config, blueprint.model_kwargs
         assert cfg.kv_channels is not None
-        return cfg.num_attention_heads, cfg.kv_channels
+        qkv = config_qkv_transforms(cfg)
+        enc, enc_hf = "encoder.layers.{enc}.", "encoder.block.{enc}.layer."
+        dec, dec_hf = "decoder.layers.{dec}.", "decoder.block.{dec}.layer."
+        cross = dec_hf + "1.EncDecAttention."
+        rules: list[KeyRule | Alias] = [
+            KeyRule("embedding.word_embeddings.weight", "shared.weight"),
+            Alias("{stack}.embed_tokens.weight", "shared.weight", check=True),
+            KeyRule("{stack}_relative_pos_emb.relative_attention_bias.weight",
+                    "{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+            KeyRule("{stack}.final_layernorm.weight", "{stack}.final_layer_norm.weight"),
+            *_attention_rules(enc, enc_hf + "0.", qkv),
+            *_mlp_rules(enc, enc_hf + "1.", bool(cfg.gated_linear_unit)),
+            *_attention_rules(dec, dec_hf + "0.", qkv),
+            KeyRule(dec + "pre_cross_attn_layernorm.weight", dec_hf + "1.layer_norm.weight"),
+            KeyRule(dec + "cross_attention.linear_q.weight", cross + "q.weight"),
+            KeyRule(dec + "cross_attention.linear_kv.weight", (cross + "k.weight", cross + "v.weight"),
+                    *kv_transforms(cfg.num_attention_heads, cfg.kv_channels)),
+            KeyRule(dec + "cross_attention.linear_proj.weight", cross + "o.weight"),
+            *_mlp_rules(dec, dec_hf + "2.", bool(cfg.gated_linear_unit)),
+            *head_rules(kw["share_embeddings_and_output_weights"], "shared.weight"),
+        ]
+        placeholders: dict[str, int | tuple[str, ...]] = {"stack": ("encoder", "decoder"), "enc": kw["encoder_num_layers"], "dec": cfg.num_layers}
+        return KeyTable("t5", rules, placeholders, hf_ignore=("EncDecAttention.relative_attention_bias.weight",))
 
-    def _mlp_from_hf(self, take: KeyTaker, hf: str, ours: str, gated: bool) -> StateDict:
-        fc1 = fuse_gated_fc1(take(hf + "wi_0.weight"), take(hf + "wi_1.weight")) if gated else take(hf + "wi.weight")
-        return {ours + "linear_fc1.weight": fc1, ours + "linear_fc2.weight": take(hf + "wo.weight")}
 
-    def _mlp_to_hf(self, take: KeyTaker, ours: str, hf: str, gated: bool) -> StateDict:
-        fc1 = take(ours + "linear_fc1.weight")
-        out = {hf + "wo.weight": take(ours + "linear_fc2.weight")}
-        if gated:
-            out[hf + "wi_0.weight"], out[hf + "wi_1.weight"] = split_gated_fc1(fc1)
-        else:
-            out[hf + "wi.weight"] = fc1
-        return out
+def _attention_rules(ours: str, hf: str, qkv: TransformPair) -> list[KeyRule | Alias]:
+    """Pre-norm self-attention sublayer ``hf`` (``layer.N.``) of one block -> ours."""
+    attn = hf + "SelfAttention."
+    return [
+        KeyRule(ours + "input_layernorm.weight", hf + "layer_norm.weight"),
+        KeyRule(ours + "self_attention.linear_qkv.weight", tuple(attn + f"{x}.weight" for x in "qkv"), *qkv),
+        KeyRule(ours + "self_attention.linear_proj.weight", attn + "o.weight"),
+    ]
 
-    def _self_attention_from_hf(self, take: KeyTaker, hf: str, ours: str, cfg: TransformerConfig) -> StateDict:
-        heads, dim = self._heads(cfg)
-        qkv = fuse_qkv(take(hf + "q.weight"), take(hf + "k.weight"), take(hf + "v.weight"),
-                       num_heads=heads, num_groups=heads, head_dim=dim)
-        return {ours + "linear_qkv.weight": qkv, ours + "linear_proj.weight": take(hf + "o.weight")}
 
-    def _self_attention_to_hf(self, take: KeyTaker, ours: str, hf: str, cfg: TransformerConfig) -> StateDict:
-        heads, dim = self._heads(cfg)
-        q, k, v = split_qkv(take(ours + "linear_qkv.weight"), num_heads=heads, num_groups=heads, head_dim=dim)
-        return {hf + "q.weight": q, hf + "k.weight": k, hf + "v.weight": v, hf + "o.weight": take(ours + "linear_proj.weight")}
-
-    def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg, kw = blueprint.config, blueprint.model_kwargs
-        gated, (heads, dim) = bool(cfg.gated_linear_unit), self._heads(cfg)
-        take = KeyTaker(hf_state_dict, "t5 state dict", ignore=("EncDecAttention.relative_attention_bias.weight",))
-        shared = take("shared.weight")
-        out: StateDict = {"embedding.word_embeddings.weight": shared}
-        for stack in ("encoder", "decoder"):
-            if not torch.equal(take(f"{stack}.embed_tokens.weight"), shared):
-                raise HFInteropError(f"t5: {stack}.embed_tokens differs from shared; our T5Model has one embedding")
-            out[f"{stack}_relative_pos_emb.relative_attention_bias.weight"] = take(
-                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
-            out[f"{stack}.final_layernorm.weight"] = take(f"{stack}.final_layer_norm.weight")
-        for i in range(kw["encoder_num_layers"]):
-            hf, ours = f"encoder.block.{i}.layer.", f"encoder.layers.{i}."
-            out[ours + "input_layernorm.weight"] = take(hf + "0.layer_norm.weight")
-            out.update(self._self_attention_from_hf(take, hf + "0.SelfAttention.", ours + "self_attention.", cfg))
-            out[ours + "pre_mlp_layernorm.weight"] = take(hf + "1.layer_norm.weight")
-            out.update(self._mlp_from_hf(take, hf + "1.DenseReluDense.", ours + "mlp.", gated))
-        for i in range(cfg.num_layers):
-            hf, ours = f"decoder.block.{i}.layer.", f"decoder.layers.{i}."
-            out[ours + "input_layernorm.weight"] = take(hf + "0.layer_norm.weight")
-            out.update(self._self_attention_from_hf(take, hf + "0.SelfAttention.", ours + "self_attention.", cfg))
-            cross = hf + "1.EncDecAttention."
-            out[ours + "pre_cross_attn_layernorm.weight"] = take(hf + "1.layer_norm.weight")
-            out[ours + "cross_attention.linear_q.weight"] = take(cross + "q.weight")
-            out[ours + "cross_attention.linear_kv.weight"] = fuse_kv(take(cross + "k.weight"), take(cross + "v.weight"),
-                                                                     heads, dim)
-            out[ours + "cross_attention.linear_proj.weight"] = take(cross + "o.weight")
-            out[ours + "pre_mlp_layernorm.weight"] = take(hf + "2.layer_norm.weight")
-            out.update(self._mlp_from_hf(take, hf + "2.DenseReluDense.", ours + "mlp.", gated))
-        head = take("lm_head.weight")
-        if not kw["share_embeddings_and_output_weights"]:
-            out["output_layer.weight"] = head
-        elif not torch.equal(head, shared):
-            raise HFInteropError("t5: the blueprint ties lm_head to shared but their weights differ; "
-                                 "Fix: convert the model object (from_hf reads the tie from it)")
-        take.finish()
-        return out
-
-    def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        cfg, kw = blueprint.config, blueprint.model_kwargs
-        gated, (heads, dim) = bool(cfg.gated_linear_unit), self._heads(cfg)
-        take = KeyTaker(state_dict, "our T5 state dict", ignore=("_extra_state",))
-        shared = take("embedding.word_embeddings.weight")
-        out: StateDict = {"shared.weight": shared}
-        for stack in ("encoder", "decoder"):
-            out[f"{stack}.embed_tokens.weight"] = shared
-            out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = take(
-                f"{stack}_relative_pos_emb.relative_attention_bias.weight")
-            out[f"{stack}.final_layer_norm.weight"] = take(f"{stack}.final_layernorm.weight")
-        for i in range(kw["encoder_num_layers"]):
-            hf, ours = f"encoder.block.{i}.layer.", f"encoder.layers.{i}."
-            out[hf + "0.layer_norm.weight"] = take(ours + "input_layernorm.weight")
-            out.update(self._self_attention_to_hf(take, ours + "self_attention.", hf + "0.SelfAttention.", cfg))
-            out[hf + "1.layer_norm.weight"] = take(ours + "pre_mlp_layernorm.weight")
-            out.update(self._mlp_to_hf(take, ours + "mlp.", hf + "1.DenseReluDense.", gated))
-        for i in range(cfg.num_layers):
-            hf, ours = f"decoder.block.{i}.layer.", f"decoder.layers.{i}."
-            out[hf + "0.layer_norm.weight"] = take(ours + "input_layernorm.weight")
-            out.update(self._self_attention_to_hf(take, ours + "self_attention.", hf + "0.SelfAttention.", cfg))
-            cross = hf + "1.EncDecAttention."
-            out[hf + "1.layer_norm.weight"] = take(ours + "pre_cross_attn_layernorm.weight")
-            out[cross + "q.weight"] = take(ours + "cross_attention.linear_q.weight")
-            out[cross + "k.weight"], out[cross + "v.weight"] = split_kv(
-                take(ours + "cross_attention.linear_kv.weight"), heads, dim)
-            out[cross + "o.weight"] = take(ours + "cross_attention.linear_proj.weight")
-            out[hf + "2.layer_norm.weight"] = take(ours + "pre_mlp_layernorm.weight")
-            out.update(self._mlp_to_hf(take, ours + "mlp.", hf + "2.DenseReluDense.", gated))
-        tied = kw["share_embeddings_and_output_weights"]
-        out["lm_head.weight"] = shared if tied else take("output_layer.weight")
-        take.finish()
-        return out
+def _mlp_rules(ours: str, hf: str, gated: bool) -> list[KeyRule | Alias]:
+    """Pre-norm MLP sublayer ``hf`` of one block: ``wi`` (or gated ``[wi_0; wi_1]``) and ``wo``."""
+    mlp = hf + "DenseReluDense."
+    fc1 = (KeyRule(ours + "mlp.linear_fc1.weight", (mlp + "wi_0.weight", mlp + "wi_1.weight"), *GATED_FC1)
+           if gated else KeyRule(ours + "mlp.linear_fc1.weight", mlp + "wi.weight"))
+    return [
+        KeyRule(ours + "pre_mlp_layernorm.weight", hf + "layer_norm.weight"),
+        fc1,
+        KeyRule(ours + "mlp.linear_fc2.weight", mlp + "wo.weight"),
+    ]

@@ -6,11 +6,22 @@ then its value head (``kv_channels`` rows each). Hugging Face models keep separa
 (``q_proj``/``k_proj``/``v_proj``, or GPT-2's concatenated ``[q; k; v]``). Gated MLPs keep
 ``linear_fc1 = [gate; up]``. These functions move between the two, exactly (pure reindexing, no
 arithmetic), so a round trip returns bit-identical tensors.
+
+The ``*_transforms`` functions return (forward, inverse) pairs for :class:`keymap.KeyRule`
+(forward: Hugging Face tensors -> ours), e.g.
+``KeyRule(ours_qkv, (q, k, v), *qkv_transforms(heads, groups, head_dim))``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+from megatron_core.config import TransformerConfig
+from megatron_core.interop.keymap import Transform
+
+TransformPair = tuple[Transform, Transform]
 
 
 def _check_rows(name: str, tensor: torch.Tensor, rows: int) -> None:
@@ -95,3 +106,101 @@ def conv1d_to_linear(weight: torch.Tensor) -> torch.Tensor:
 def linear_to_conv1d(weight: torch.Tensor) -> torch.Tensor:
     """``nn.Linear`` weight ``[out, in]`` -> GPT-2 ``Conv1D`` weight ``[in, out]``."""
     return weight.t().contiguous()
+
+
+def fuse_kv(k: torch.Tensor, v: torch.Tensor, *, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Separate ``k``/``v`` ``[heads * d, h]`` -> cross-attention ``linear_kv`` rows ``[k_0; v_0; k_1; v_1; ...]``."""
+    _check_rows("k", k, num_heads * head_dim)
+    _check_rows("v", v, num_heads * head_dim)
+    tail = k.shape[1:]
+    pairs = torch.stack([k.reshape(num_heads, head_dim, *tail), v.reshape(num_heads, head_dim, *tail)], dim=1)
+    return pairs.reshape(2 * num_heads * head_dim, *tail).contiguous()  # [heads, 2, d, h] -> [2*heads*d, h]
+
+
+def split_kv(kv: torch.Tensor, *, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_kv`."""
+    _check_rows("linear_kv", kv, 2 * num_heads * head_dim)
+    tail = kv.shape[1:]
+    pairs = kv.reshape(num_heads, 2, head_dim, *tail)
+    return (pairs[:, 0].reshape(num_heads * head_dim, *tail).contiguous(),
+            pairs[:, 1].reshape(num_heads * head_dim, *tail).contiguous())
+
+
+# ---------------------------------------------------------------------- transform pairs for key tables
+def _one(fn: Callable[[torch.Tensor], torch.Tensor]) -> Transform:
+    """A transform of one tensor into one tensor."""
+
+    def transform(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        (tensor,) = tensors
+        return [fn(tensor)]
+
+    return transform
+
+
+#: GPT-2 ``Conv1D`` ``[in, out]`` <-> ``nn.Linear`` ``[out, in]``.
+TRANSPOSE: TransformPair = (_one(conv1d_to_linear), _one(linear_to_conv1d))
+
+
+def qkv_transforms(num_heads: int, num_groups: int, head_dim: int) -> TransformPair:
+    """(q, k, v) <-> our per-query-group ``linear_qkv`` (weights or biases)."""
+
+    def fuse(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        q, k, v = tensors
+        return [fuse_qkv(q, k, v, num_heads=num_heads, num_groups=num_groups, head_dim=head_dim)]
+
+    def split(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        (fused,) = tensors
+        return split_qkv(fused, num_heads=num_heads, num_groups=num_groups, head_dim=head_dim)
+
+    return fuse, split
+
+
+def config_qkv_transforms(config: TransformerConfig) -> TransformPair:
+    """:func:`qkv_transforms` with the heads, query groups and head size of ``config``."""
+    if config.kv_channels is None or config.num_query_groups is None:
+        raise ValueError("config.kv_channels / num_query_groups are unset; build the TransformerConfig first")
+    return qkv_transforms(config.num_attention_heads, config.num_query_groups, config.kv_channels)
+
+
+def kv_transforms(num_heads: int, head_dim: int) -> TransformPair:
+    """(k, v) <-> our cross-attention ``linear_kv`` (``[k_h; v_h]`` per head)."""
+    return (lambda t: [fuse_kv(*t, num_heads=num_heads, head_dim=head_dim)]), (
+        lambda t: split_kv(*t, num_heads=num_heads, head_dim=head_dim)
+    )
+
+
+#: (gate, up) <-> a gated MLP's ``linear_fc1 = [gate; up]``.
+GATED_FC1: TransformPair = ((lambda t: [fuse_gated_fc1(*t)]), (lambda t: split_gated_fc1(*t)))
+
+
+def split_rows_transforms(parts: int) -> TransformPair:
+    """One tensor of ``parts`` equal row blocks (e.g. GPT-2's ``[q; k; v]``) <-> the ``parts`` blocks."""
+
+    def split(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        (tensor,) = tensors
+        if tensor.shape[0] % parts:
+            raise ValueError(f"expected {parts} equal row blocks, found shape {tuple(tensor.shape)}")
+        return [block.contiguous() for block in torch.chunk(tensor, parts, dim=0)]
+
+    return split, (lambda t: [torch.cat(list(t), dim=0)])
+
+
+def unstack_transforms() -> TransformPair:
+    """One stacked tensor ``[n, ...]`` (e.g. fused MoE experts) <-> ``n`` tensors ``[...]``."""
+    return (lambda t: [x.contiguous() for x in t[0].unbind(0)]), (lambda t: [torch.stack(list(t), dim=0)])
+
+
+def chain(*pairs: TransformPair) -> TransformPair:
+    """Apply the forward transforms in order (and the inverses in reverse order)."""
+
+    def forward(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        for fn, _ in pairs:
+            tensors = fn(tensors)
+        return tensors
+
+    def inverse(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        for _, fn in reversed(pairs):
+            tensors = fn(tensors)
+        return tensors
+
+    return forward, inverse

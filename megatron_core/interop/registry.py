@@ -18,23 +18,20 @@ from typing import Any, ClassVar
 import torch
 
 from megatron_core.config import TransformerConfig
+from megatron_core.interop.errors import HFInteropError, StateDict, UnsupportedHFConfigError
+from megatron_core.interop.keymap import KeyTable
 
-StateDict = dict[str, torch.Tensor]
-
-
-class HFInteropError(ValueError):
-    """A Hugging Face model, config or state dict cannot be converted as asked."""
-
-
-class UnsupportedHFConfigError(HFInteropError):
-    """A Hugging Face config uses a feature our models cannot represent exactly."""
-
-    def __init__(self, model_type: str, field_name: str, value: Any, why: str, fix: str) -> None:
-        super().__init__(f"{model_type}: {field_name}={value!r} is not supported: {why}. Fix: {fix}")
-        self.model_type = model_type
-        self.field_name = field_name
-        self.value = value
-
+__all__ = [
+    "Blueprint",
+    "HFFamily",
+    "HFInteropError",
+    "StateDict",
+    "UnsupportedHFConfigError",
+    "drop_token_ids_outside_vocab",
+    "load_family_modules",
+    "register_family",
+    "registered_families",
+]
 
 @dataclass
 class Blueprint:
@@ -109,52 +106,16 @@ class HFFamily(ABC):
 
     # ---- state dicts
     @abstractmethod
+    def key_table(self, blueprint: Blueprint) -> KeyTable:
+        """The family's state-dict mapping for ``blueprint``: one rule list read in both directions."""
+
     def state_dict_from_hf(self, hf_state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        """Hugging Face state dict -> ours (Megatron-Core names and layouts)."""
+        """Hugging Face state dict -> ours (Megatron-Core names and layouts), from :meth:`key_table`."""
+        return self.key_table(blueprint).from_hf(hf_state_dict)
 
-    @abstractmethod
     def state_dict_to_hf(self, state_dict: Mapping[str, torch.Tensor], blueprint: Blueprint) -> StateDict:
-        """Our state dict -> Hugging Face names and layouts."""
-
-
-class KeyTaker:
-    """Pops keys from a state dict by name, so that missing and left-over keys both fail loudly.
-
-    Args:
-        state_dict: the source state dict (not modified).
-        source: what the dict is, for error messages (e.g. ``"gpt2 state dict"``).
-        ignore: key suffixes that may be left over (non-persistent buffers of older versions).
-    """
-
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], source: str, ignore: tuple[str, ...] = ()) -> None:
-        self._left = dict(state_dict)
-        self._source = source
-        self._ignore = ignore
-
-    def __call__(self, key: str) -> torch.Tensor:
-        """Remove and return ``key``; raise HFInteropError naming it when absent."""
-        if key not in self._left:
-            near = sorted(k for k in self._left if k.rsplit(".", 1)[0] == key.rsplit(".", 1)[0])
-            raise HFInteropError(
-                f"{self._source}: missing key {key!r}"
-                + (f" (same module has {near})" if near else "")
-                + ". Fix: check that the model matches its config (layers, biases, tied weights)."
-            )
-        return self._left.pop(key)
-
-    def has(self, key: str) -> bool:
-        return key in self._left
-
-    def finish(self) -> None:
-        """Raise when keys were left unconverted (other than the ignored suffixes)."""
-        left = sorted(k for k in self._left if not k.endswith(self._ignore))
-        if left:
-            shown = left[:8] + (["..."] if len(left) > 8 else [])
-            raise HFInteropError(
-                f"{self._source}: {len(left)} unexpected key(s) with no converter: {shown}. "
-                "Fix: the model has modules its family converter does not know; convert a supported "
-                "architecture or extend the family module."
-            )
+        """Our state dict -> Hugging Face names and layouts, from :meth:`key_table`."""
+        return self.key_table(blueprint).to_hf(state_dict)
 
 
 _REGISTRY: dict[str, HFFamily] = {}
