@@ -46,6 +46,11 @@ CASES = {
     "preprocess missing input": ("megatron_core.data.preprocess", ["--input", "{tmp}/a.txt", "--output-prefix",
                                                                     "{tmp}/out"], ["a.txt not found"]),
     "dist_checkpointing not a checkpoint": ("megatron_core.dist_checkpointing", ["inspect", "{tmp}"], ["metadata"]),
+    "interop import-mcore not a checkpoint": ("megatron_core.interop", ["import-mcore", "{tmp}", "{tmp}/out"],
+                                              ["no .metadata file"]),
+    "interop import-mcore without a description": (
+        "megatron_core.interop", ["import-mcore", str(FIXTURES / "mcore_torch_dist_gpt" / "checkpoint"), "{tmp}/out"],
+        ["pass --config"]),
     "demo unknown argument": ("megatron_core.demo", ["--nope"], ["--nope"]),
 }
 

@@ -1,0 +1,175 @@
+"""``import-mcore``: a Megatron-Core ``torch_dist`` checkpoint -> our checkpoint, on CPU, without Megatron-Core.
+
+Megatron-Core saves a GPT's weights as global (TP=1) tensors with three differences from our
+state-dict names, undone here:
+
+1. layers are stacked: ``decoder.layers.<rest>`` has a leading ``num_layers`` axis whose slice ``i``
+   is ``decoder.layers.<i>.<rest>``;
+2. norms are saved under Transformer Engine's fused names (``linear_qkv.layer_norm_weight`` is
+   ``input_layernorm.weight``, ``linear_fc1.layer_norm_weight`` is ``pre_mlp_layernorm.weight``);
+3. ``_extra_state`` entries (Transformer Engine's FP8 metadata) carry no weights and are skipped.
+
+The model description comes from Megatron-LM's stored ``args`` when the common state holds them,
+else from a run YAML (``--config``, the Trainer's format: ``transformer``, ``spec``, ``model``); the
+vocabulary size and learned-position length come from the stored tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_core import dist_checkpointing
+from megatron_core.interop.description import DESCRIPTION_KEY, ModelDescription, build_model
+from megatron_core.interop.torch_dist import TorchDistCheckpoint, TorchDistError
+
+logger = logging.getLogger(__name__)
+
+_STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
+TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A Megatron-LM save dir (``latest_checkpointed_iteration.txt``) -> its latest iteration directory."""
+    path = Path(path)
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        sub = "release" if text == "release" else f"iter_{int(text):07d}"
+        return path / sub
+    return path
+
+
+def our_keys(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Our state-dict names and tensors for one stored Megatron-Core key (a stacked key gives one per layer)."""
+    match = _STACKED.match(key)
+    if match is None:
+        return [(key, tensor)]
+    rest = TE_NORM_NAMES.get(match.group(1), match.group(1))
+    return [(f"decoder.layers.{i}.{rest}", tensor[i]) for i in range(tensor.shape[0])]
+
+
+def read_common_state(ckpt: TorchDistCheckpoint) -> dict[str, Any]:
+    """Megatron-Core's common state: the ``common_state`` byte object (0.19) or an older ``common.pt``."""
+    keys = [k for k in ckpt.byte_keys if k.startswith("common_state/")]
+    try:
+        if keys:
+            state = ckpt.object(keys[0], safe_globals=(argparse.Namespace,))
+        elif (ckpt.path / "common.pt").is_file():
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(ckpt.path / "common.pt", weights_only=True, map_location="cpu")
+        else:
+            return {}
+    except Exception as err:  # weights_only refused a class: we run no code from the checkpoint
+        logger.warning("%s: common state not readable without unpickling code (%s); ignoring it", ckpt.path, err)
+        return {}
+    if isinstance(state, list) and len(state) == 1:
+        state = state[0]
+    return state if isinstance(state, dict) else {}
+
+
+def description_from_args(args: dict[str, Any], vocab_size: int) -> ModelDescription:
+    """A description from Megatron-LM's stored arguments (``common["args"]``)."""
+    gated = bool(args.get("swiglu"))
+    config: dict[str, Any] = {
+        "num_layers": args["num_layers"], "hidden_size": args["hidden_size"],
+        "num_attention_heads": args["num_attention_heads"], "ffn_hidden_size": args.get("ffn_hidden_size"),
+        "kv_channels": args.get("kv_channels"),
+        "num_query_groups": args.get("num_query_groups") if args.get("group_query_attention") else None,
+        "normalization": args.get("normalization", "LayerNorm"),
+        "layernorm_epsilon": args.get("norm_epsilon", 1e-5),
+        "add_bias_linear": args.get("add_bias_linear", True), "add_qkv_bias": args.get("add_qkv_bias", False),
+        "activation_func": "swiglu" if gated else ("squared_relu" if args.get("squared_relu") else "gelu"),
+        "qk_layernorm": args.get("qk_layernorm", False),
+        "apply_residual_connection_post_layernorm": args.get("apply_residual_connection_post_layernorm", False),
+        "init_method_std": args.get("init_method_std", 0.02),
+        "hidden_dropout": 0.0, "attention_dropout": 0.0,
+    }
+    position = args.get("position_embedding_type", "learned_absolute")
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size, "max_sequence_length": args.get("max_position_embeddings") or args["seq_length"],
+        "position_embedding_type": position,
+        "share_embeddings_and_output_weights": not args.get("untie_embeddings_and_output_weights", False),
+    }
+    if position == "rope":
+        kwargs.update(rotary_base=args.get("rotary_base", 10000), rotary_percent=args.get("rotary_percent", 1.0))
+    return ModelDescription(config={k: v for k, v in config.items() if v is not None}, model_kwargs=kwargs)
+
+
+def description_from_run_yaml(path: str | Path, ckpt: TorchDistCheckpoint) -> ModelDescription:
+    """A description from a run YAML (Trainer format); vocab and learned-position sizes from the stored tensors."""
+    from megatron_core.training.run_config import RunConfig, build_transformer_config
+
+    run = RunConfig.from_yaml(path)
+    run = run.model_copy(update={"parallel": run.parallel.model_copy(
+        update={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1})})
+    kwargs: dict[str, Any] = {
+        "vocab_size": ckpt.shape("embedding.word_embeddings.weight")[0],
+        "max_sequence_length": run.model.max_sequence_length or run.data.seq_length,
+        "position_embedding_type": run.model.position_embedding_type,
+        "share_embeddings_and_output_weights": run.model.share_embeddings_and_output_weights,
+        **run.model.extra,
+    }
+    if "embedding.position_embeddings.weight" in ckpt.tensor_keys:
+        kwargs["max_sequence_length"] = ckpt.shape("embedding.position_embeddings.weight")[0]
+    return ModelDescription(config=build_transformer_config(run).model_dump(mode="json"), spec=run.spec,
+                            spec_args=run.spec_args, model_kwargs=kwargs)
+
+
+def _describe(ckpt: TorchDistCheckpoint, common: dict[str, Any], config: str | Path | None) -> ModelDescription:
+    if config is not None:
+        return description_from_run_yaml(config, ckpt)
+    args = common.get("args")
+    if args is not None:
+        return description_from_args(vars(args) if isinstance(args, argparse.Namespace) else dict(args),
+                                     ckpt.shape("embedding.word_embeddings.weight")[0])
+    raise TorchDistError(f"{ckpt.path}: the checkpoint stores no Megatron-LM args describing the model (saved by "
+                         "Megatron-Core directly). Fix: pass --config RUN.yaml with its transformer/spec/model "
+                         "sections (see examples/alphabet_gpt.yaml)")
+
+
+def import_mcore(source: str | Path, target: str | Path, *, config: str | Path | None = None,
+                 overwrite: bool = False) -> ModelDescription:
+    """Convert the ``torch_dist`` checkpoint ``source`` into our checkpoint ``target`` (TP=1, loads at any TP/PP).
+
+    Raises:
+        TorchDistError: unreadable checkpoint, no description, keys we cannot map (listed), or shapes that
+            disagree with the description.
+    """
+    ckpt = TorchDistCheckpoint(resolve_checkpoint_dir(source))
+    description = _describe(ckpt, read_common_state(ckpt), config)
+    model = build_model(description)
+    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    state: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, tensor in ckpt.tensors():
+        for ours, value in our_keys(key, tensor):
+            (state.__setitem__(ours, value) if ours in expected else unmapped.append(f"{key} -> {ours}"))
+    missing = sorted(expected - set(state))
+    if unmapped or missing:
+        raise TorchDistError(f"{ckpt.path}: cannot map the checkpoint onto the described model: "
+                             f"{len(unmapped)} stored key(s) with no place {unmapped[:12]}, {len(missing)} model key(s) "
+                             f"not stored {missing[:12]}. Fix: check --config (layers, biases, tying, spec)")
+    own = model.state_dict()
+    wrong = [f"{k}: stored {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise TorchDistError(f"{ckpt.path}: shapes disagree with the description: {wrong[:8]}. Fix: check --config")
+    model.load_state_dict(state, strict=False)
+    common = {DESCRIPTION_KEY: description.model_dump(mode="json"),
+              "source": {"format": "megatron-core torch_dist", "path": str(ckpt.path)}}
+    dist_checkpointing.save(model.sharded_state_dict(), str(target), common_state_dict=common, overwrite=overwrite,
+                            parallel_sizes={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                                            "data_parallel_size": 1})
+    logger.info("imported %s -> %s (%d tensors)", ckpt.path, target, len(state))
+    return description

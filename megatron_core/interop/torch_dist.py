@@ -1,0 +1,159 @@
+"""Read a PyTorch Distributed Checkpoint (Megatron-Core's ``torch_dist`` format) on CPU, safely.
+
+A ``torch_dist`` checkpoint directory holds ``.metadata`` (a pickle of
+``torch.distributed.checkpoint.metadata.Metadata``: every key's global size, dtype and chunks,
+and where each chunk's bytes are), ``__<rank>_<n>.distcp`` data files, and Megatron-Core's
+``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``). Every stored item sits at
+``(relative_path, offset, length)`` in a data file: a ``torch.save`` archive of one tensor chunk,
+or raw bytes for byte objects (Megatron-Core's ``ShardedObject``s and common state, themselves
+``torch.save`` archives).
+
+Nothing here runs code from the checkpoint: ``.metadata`` is read by an unpickler that admits only
+the checkpoint-description classes it needs, and every item by ``torch.load(weights_only=True)``.
+One global tensor is assembled at a time, so memory holds about one tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_core.interop.registry import HFInteropError
+
+
+class TorchDistError(HFInteropError):
+    """A ``torch_dist`` checkpoint is missing, malformed, or holds something we will not read."""
+
+
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+#: (module, name) the ``.metadata`` pickle may name; anything else is refused.
+_ALLOWED: dict[tuple[str, str], Any] = {}
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    if not _ALLOWED:
+        from torch.distributed.checkpoint import filesystem, metadata, planner
+
+        for name in ("Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+                     "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"):
+            _ALLOWED[(_METADATA_MODULE, name)] = getattr(metadata, name)
+        _ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+            _ALLOWED[("torch.distributed.checkpoint.planner", name)] = getattr(planner, name)
+        _ALLOWED[("torch", "Size")] = torch.Size
+        _ALLOWED[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+        _ALLOWED[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    return _ALLOWED
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed()
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise TorchDistError(
+            f"{self._path}: the checkpoint metadata names {module}.{name}, which is not a checkpoint-description "
+            "class; refusing to unpickle it (it could run code). Fix: re-save the checkpoint with a standard "
+            "Megatron-Core/PyTorch, or report the class if it is legitimate."
+        )
+
+
+class TorchDistCheckpoint:
+    """A ``torch_dist`` checkpoint opened for reading (metadata parsed, no data read yet).
+
+    Args:
+        path: the checkpoint directory (the one holding ``.metadata``).
+
+    Raises:
+        TorchDistError: not a directory, no ``.metadata``, or metadata we refuse to read.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_file = self.path / ".metadata"
+        if not self.path.is_dir():
+            raise TorchDistError(f"{self.path}: not a directory; pass the Megatron-Core checkpoint directory "
+                                 "(the one holding .metadata and *.distcp files)")
+        if not meta_file.is_file():
+            raise TorchDistError(f"{self.path}: no .metadata file, so not a torch_dist checkpoint (or an unfinished "
+                                 "save); pass an iteration directory such as iter_0000100/")
+        backend = self.path / "metadata.json"
+        if backend.is_file():
+            info = json.loads(backend.read_text())
+            if info.get("sharded_backend", "torch_dist") != "torch_dist":
+                raise TorchDistError(f"{backend}: sharded_backend={info.get('sharded_backend')!r}; only torch_dist "
+                                     "checkpoints are read. Fix: re-save with Megatron-Core's default backend")
+        with open(meta_file, "rb") as f:
+            try:
+                self.metadata = _RestrictedUnpickler(f, meta_file).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError) as err:
+                raise TorchDistError(f"{meta_file}: cannot read the checkpoint metadata ({err}); the file is "
+                                     "truncated or not a PyTorch distributed checkpoint") from err
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+        self.tensor_keys = [k for k, v in self.metadata.state_dict_metadata.items()
+                            if isinstance(v, TensorStorageMetadata)]
+        self.byte_keys = [k for k, v in self.metadata.state_dict_metadata.items()
+                          if isinstance(v, BytesStorageMetadata)]
+        self._items: dict[str, list[tuple[Any, Any]]] = {}
+        for index, info in self.metadata.storage_data.items():
+            self._items.setdefault(index.fqn, []).append((index, info))
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.metadata.state_dict_metadata[key].size)
+
+    def _read_item(self, key: str, info: Any) -> bytes:
+        if getattr(info, "transform_descriptors", None):
+            raise TorchDistError(f"{self.path}: {key} is stored with transforms {info.transform_descriptors} "
+                                 "(compression); save the checkpoint without them")
+        file = self.path / info.relative_path
+        if not file.is_file():
+            raise TorchDistError(f"{file}: data file missing (needed for {key}); copy the whole checkpoint directory")
+        with open(file, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        if len(data) != info.length:
+            raise TorchDistError(f"{file}: truncated ({key} needs bytes {info.offset}..{info.offset + info.length})")
+        return data
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The global tensor ``key``, assembled from its stored chunks."""
+        meta = self.metadata.state_dict_metadata[key]
+        out = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        covered = 0
+        for index, info in self._items.get(key, []):
+            chunk = torch.load(io.BytesIO(self._read_item(key, info)), weights_only=True, map_location="cpu")
+            offset = tuple(index.offset)
+            target = out[tuple(slice(o, o + s) for o, s in zip(offset, chunk.shape, strict=True))]
+            target.copy_(chunk)
+            covered += chunk.numel()
+        if covered != out.numel():
+            raise TorchDistError(f"{self.path}: {key} has chunks covering {covered} of {out.numel()} elements; "
+                                 "the checkpoint is incomplete")
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor key with its global tensor, one at a time."""
+        for key in self.tensor_keys:
+            yield key, self.tensor(key)
+
+    def object(self, key: str, safe_globals: tuple[Any, ...] = ()) -> Any:
+        """A byte object (a ``torch.save`` archive) loaded with ``weights_only=True`` (+ ``safe_globals``)."""
+        items = self._items.get(key, [])
+        if len(items) != 1:
+            raise TorchDistError(f"{self.path}: byte object {key} has {len(items)} stored items, expected 1")
+        data = self._read_item(key, items[0][1])
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
