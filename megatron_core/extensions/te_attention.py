@@ -30,8 +30,8 @@ from torch.distributed import ProcessGroup
 from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_common import TEModuleMixin, resolve_tp, te
 from megatron_core.tensor_parallel.random import get_rng_tracker
-from megatron_core.transformer.dot_product_attention import causal_mask
 from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.positions import causal_mask
 
 __all__ = ["TEDotProductAttention"]
 

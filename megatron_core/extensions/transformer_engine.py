@@ -118,7 +118,8 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
         bias: learn a bias.
         skip_bias_add: return the bias instead of adding it (for a fused bias-dropout-add).
         is_expert: must be False (no MoE).
-        tp_comm_buffer_name: name of the layer's communication buffer (unused: no comm overlap).
+        tp_comm_buffer_name: Megatron-Core's name of the layer's communication buffer; accepted so
+            builders can pass it, ignored (no userbuffers comm overlap).
         tp_group: tensor-parallel group; defaults to parallel_state's.
         stride: interleaving of the split (2 for a gated ``[gate; up]`` fc1).
     """
@@ -137,7 +138,7 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
         ))
         self.config = config
         self.te_return_bias = bool(skip_bias_add and bias)
-        self.tp_comm_buffer_name = tp_comm_buffer_name
+        del tp_comm_buffer_name  # Megatron-Core-compatible argument; no userbuffers comm overlap here
         self._tp_axis_map = _LINEAR_MODES[parallel_mode][1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
@@ -255,7 +256,7 @@ class TELayerNormColumnParallelLinear(TEModuleMixin, te.pytorch.LayerNormLinear)
         )
         self.config = config
         self.te_return_bias = bool(skip_bias_add and bias)
-        self.tp_comm_buffer_name = tp_comm_buffer_name
+        del tp_comm_buffer_name  # Megatron-Core-compatible argument; no userbuffers comm overlap here
         _gather_output_check(self, gather_output, config)
         self.gather_output = gather_output
         self.tp_group_for_gather = resolve_tp(tp_group)[0]

@@ -4,6 +4,7 @@
 ``position_embedding_type``  what it adds
 =========================  ======================================================================
 ``"learned"``              a trained table of ``max_position_embeddings`` vectors, added
+                           (``LearnedPositionEmbedding``)
 ``"fixed"``                fixed sinusoidal vectors (``SinusoidalPositionEmbedding``), added
 ``"rotary"``               nothing here; ``rotary_angles(seq_len)`` gives the angles that attention
                            applies to queries and keys (``RotaryEmbedding``)
@@ -24,9 +25,12 @@ import torch
 
 from megatron_core.module import MegatronModule
 from megatron_core.nn.embedding import ParallelEmbedding
-from megatron_core.nn.relative_position import RelativePositionBias
-from megatron_core.transformer.positional import RotaryEmbedding
-from megatron_core.transformer.sinusoidal_positions import SinusoidalPositionEmbedding
+from megatron_core.transformer.positions import (
+    LearnedPositionEmbedding,
+    RelativePositionBias,
+    RotaryEmbedding,
+    SinusoidalPositionEmbedding,
+)
 
 __all__ = ["POSITION_EMBEDDING_TYPES", "EmbeddingLayer"]
 
@@ -74,7 +78,8 @@ class EmbeddingLayer(MegatronModule):
         self.position_embeddings: torch.nn.Module | None = None
         if position_embedding_type == "learned":
             assert max_position_embeddings is not None
-            self.position_embeddings = ParallelEmbedding(max_position_embeddings, embedding_size, dtype=dtype)
+            self.position_embeddings = LearnedPositionEmbedding(
+                max_position_embeddings, embedding_size, dtype=dtype or torch.get_default_dtype())
         elif position_embedding_type == "fixed":
             assert max_position_embeddings is not None
             self.position_embeddings = SinusoidalPositionEmbedding(embedding_size, max_position_embeddings)
@@ -87,7 +92,8 @@ class EmbeddingLayer(MegatronModule):
         elif position_embedding_type == "relative":
             assert num_heads is not None
             self.relative_position_bias = RelativePositionBias(
-                num_heads, num_relative_attention_buckets, max_relative_distance, bidirectional_relative_attention)
+                num_heads, bidirectional_relative_attention, num_relative_attention_buckets, max_relative_distance,
+                dtype=dtype or torch.get_default_dtype())
         if device is not None:
             self.to(device)
 

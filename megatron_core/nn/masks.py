@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_core.nn._base import tp_rank, tp_size
+from megatron_core.transformer.positions import causal_mask
 
 
 class AttentionMasks(NamedTuple):
@@ -41,11 +42,6 @@ def from_seq_first(x: torch.Tensor, batch_first: bool, unbatched: bool) -> torch
     if unbatched:
         return x.squeeze(1)
     return x.transpose(0, 1) if batch_first else x
-
-
-def causal_mask(sq: int, sk: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean ``[sq, sk]``, True above the diagonal (``nn.Transformer.generate_square_subsequent_mask``)."""
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
 def _attn_mask_4d(mask: torch.Tensor, batch: int, heads: int, sq: int, sk: int) -> torch.Tensor:
@@ -87,7 +83,8 @@ def build_attention_masks(
     if unbatched:
         key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
     if attn_mask is None and is_causal:
-        attn_mask = causal_mask(sq, sk, device)
+        # torch's is_causal is top-left aligned (nn.Transformer.generate_square_subsequent_mask).
+        attn_mask = causal_mask(sq, sk, device, alignment="top_left")
     parts = []
     if attn_mask is not None:
         parts.append(_attn_mask_4d(attn_mask, batch, heads, sq, sk))

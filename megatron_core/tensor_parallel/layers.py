@@ -81,8 +81,7 @@ def _initialize_affine_weight(
     stride: int,
     rank: int,
     world_size: int,
-    return_master_weight: bool = False,
-) -> torch.Tensor | None:
+) -> None:
     """Fill ``weight`` with this rank's slice of a full weight drawn from the default RNG.
 
     The full (master) weight is cut into ``world_size * stride`` chunks along ``partition_dim``;
@@ -98,7 +97,6 @@ def _initialize_affine_weight(
     mine = torch.cat(chunks[rank::world_size], dim=partition_dim)  # [per_partition, ...] along the split dim
     with torch.no_grad():
         weight.copy_(mine.to(dtype=weight.dtype))
-    return master.to(dtype=weight.dtype) if return_master_weight else None
 
 
 def _new_param(shape: tuple[int, ...], config: TransformerConfig) -> torch.nn.Parameter:
@@ -116,6 +114,12 @@ class ColumnParallelLinear(MegatronModule):
     Input ``[s, b, in]`` (``[s/tp, b, in]`` with sequence parallelism, gathered first); output
     ``[s, b, out/tp]``, or ``[s, b, out]`` with ``gather_output``. ``forward`` returns
     ``(output, bias)``; the bias is ``None`` unless ``skip_bias_add``.
+
+    Megatron-Core-compatible arguments kept for callers and builders that pass them:
+    ``is_expert`` marks the parameters ``allreduce=False`` (an expert's gradients are reduced over
+    the expert-data-parallel group, not the data-parallel one); ``tp_comm_buffer_name`` names the
+    layer for communication/GEMM overlap, which the local kernels do not do, so it is accepted and
+    ignored.
     """
 
     def __init__(
@@ -129,22 +133,18 @@ class ColumnParallelLinear(MegatronModule):
         bias: bool = True,
         gather_output: bool = False,
         stride: int = 1,
-        keep_master_weight_for_test: bool = False,
         skip_bias_add: bool = False,
         skip_weight_param_allocation: bool = False,
-        embedding_activation_buffer: list[torch.Tensor] | None = None,
         is_expert: bool = False,
         tp_comm_buffer_name: str | None = None,
         tp_group: ProcessGroup | None = None,
         disable_grad_reduce: bool = False,
     ) -> None:
         super().__init__(config)
+        del tp_comm_buffer_name  # Megatron-Core-compatible argument; the local kernels overlap no communication
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
         self.skip_bias_add = skip_bias_add
-        self.is_expert = is_expert
-        self.tp_comm_buffer_name = tp_comm_buffer_name
-        self.embedding_activation_buffer = embedding_activation_buffer
         self.disable_grad_reduce = disable_grad_reduce
         self.tp_group = _tp_group_of(tp_group)
         self.tp_size = parallel_state.group_world_size(self.tp_group)
@@ -157,16 +157,14 @@ class ColumnParallelLinear(MegatronModule):
                 "keep the output split (gather_output=False) and gather where it is consumed"
             )
 
-        self.master_weight: torch.Tensor | None = None
         if skip_weight_param_allocation:
             self.register_parameter("weight", None)
         else:
             self.weight = _new_param((self.output_size_per_partition, input_size), config)
             set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
             if config.perform_initialization:
-                self.master_weight = _initialize_affine_weight(
-                    self.weight, (output_size, input_size), 0, init_method, stride, self.tp_rank,
-                    self.tp_size, return_master_weight=keep_master_weight_for_test,
+                _initialize_affine_weight(
+                    self.weight, (output_size, input_size), 0, init_method, stride, self.tp_rank, self.tp_size
                 )
             self.weight.allreduce = not is_expert  # type: ignore[attr-defined]
         if bias:
@@ -238,6 +236,9 @@ class RowParallelLinear(MegatronModule):
     Input ``[s, b, in/tp]`` (``input_is_parallel``) or ``[s, b, in]`` (scattered first); the partial
     products are all-reduced (reduce-scattered to ``[s/tp, b, out]`` with sequence parallelism),
     then the replicated bias is added, or returned when ``skip_bias_add``.
+
+    ``is_expert`` and ``tp_comm_buffer_name`` are Megatron-Core-compatible arguments, as for
+    ``ColumnParallelLinear``.
     """
 
     def __init__(
@@ -252,17 +253,15 @@ class RowParallelLinear(MegatronModule):
         input_is_parallel: bool,
         skip_bias_add: bool,
         stride: int = 1,
-        keep_master_weight_for_test: bool = False,
         is_expert: bool = False,
         tp_comm_buffer_name: str | None = None,
         tp_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__(config)
+        del tp_comm_buffer_name  # Megatron-Core-compatible argument; the local kernels overlap no communication
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
         self.skip_bias_add = skip_bias_add
-        self.is_expert = is_expert
-        self.tp_comm_buffer_name = tp_comm_buffer_name
         self.tp_group = _tp_group_of(tp_group)
         self.tp_size = parallel_state.group_world_size(self.tp_group)
         self.tp_rank = parallel_state.group_rank(self.tp_group)
@@ -276,11 +275,9 @@ class RowParallelLinear(MegatronModule):
 
         self.weight = _new_param((output_size, self.input_size_per_partition), config)
         set_tensor_model_parallel_attributes(self.weight, True, 1, stride)
-        self.master_weight: torch.Tensor | None = None
         if config.perform_initialization:
-            self.master_weight = _initialize_affine_weight(
-                self.weight, (output_size, input_size), 1, init_method, stride, self.tp_rank, self.tp_size,
-                return_master_weight=keep_master_weight_for_test,
+            _initialize_affine_weight(
+                self.weight, (output_size, input_size), 1, init_method, stride, self.tp_rank, self.tp_size
             )
         self.weight.allreduce = not is_expert  # type: ignore[attr-defined]
         if bias:

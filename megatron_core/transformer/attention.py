@@ -29,7 +29,7 @@ from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel import random as tp_random
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
-from megatron_core.transformer.positional import apply_rotary_pos_emb
+from megatron_core.transformer.positions import apply_rotary_pos_emb
 from megatron_core.transformer.spec_utils import ModuleSpec, build_module
 
 RotaryArg = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None

@@ -6,7 +6,7 @@ uses key/value head ``i // (np / ng)``). The output is ``[sq, b, np * hn]``, rea
 row-parallel output projection.
 
 Masks are boolean with True = masked out, broadcastable to ``[b, np, sq, sk]``. For the causal
-mask types the causal mask is aligned to the *end* of the keys (query ``i`` sees keys
+mask types the causal mask is bottom-right aligned (``positions.causal_mask``: query ``i`` sees keys
 ``j <= i + sk - sq``), which is what a KV cache needs; any given mask is combined with it. A row
 with every key masked yields zeros (SDPA's safe softmax), not NaN.
 """
@@ -26,15 +26,9 @@ from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.random import get_rng_tracker
 from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.positions import causal_mask
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
-
-
-def causal_mask(sq: int, sk: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean ``[sq, sk]`` mask, True where key ``j`` is in the future of query ``i`` (end-aligned)."""
-    rows = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    cols = torch.arange(sk, device=device)[None, :]
-    return cols > rows
 
 
 class DotProductAttention(MegatronModule):

@@ -63,8 +63,3 @@ def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: ProcessGroup | 
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
 
-
-def make_causal_mask(batch_size: int, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean causal mask ``[b, 1, s, s]``, True = masked out (the future)."""
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(diagonal=1)
-    return mask.expand(batch_size, 1, seq_len, seq_len)

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import megatron_core.nn as mnn
-from megatron_core.nn.relative_position import relative_position_bucket
-from megatron_core.transformer.sinusoidal_positions import SinusoidalPositionEmbedding
+from megatron_core.transformer.positions import SinusoidalPositionEmbedding, relative_position_bucket
 
 V, H, P = 20, 8, 12
 

@@ -291,9 +291,12 @@ def test_skip_bias_add_and_tied_weight_forward():
 
 def test_params_dtype_and_no_init():
     cfg = TransformerConfig(num_layers=1, hidden_size=HID, num_attention_heads=4, params_dtype="bfloat16")
-    col = ColumnParallelLinear(HID, FFN, config=cfg, init_method=cfg.init_method, keep_master_weight_for_test=True)
+    torch.manual_seed(7)
+    col = ColumnParallelLinear(HID, FFN, config=cfg, init_method=cfg.init_method)
+    torch.manual_seed(7)
+    full = cfg.init_method(torch.empty(FFN, HID))  # the fp32 draw every TP rank makes, then casts
     assert col.weight.dtype == col.bias.dtype == torch.bfloat16
-    assert torch.equal(col.master_weight, col.weight.data) and not col.bias.any()
+    assert torch.equal(full.to(torch.bfloat16), col.weight.data) and not col.bias.any()
     assert col.weight.tensor_model_parallel and col.weight.partition_dim == 0
 
 

@@ -16,9 +16,10 @@ from megatron_core.transformer.attention import (
     SelfAttention,
     SelfAttentionSubmodules,
 )
-from megatron_core.transformer.dot_product_attention import DotProductAttention, causal_mask
+from megatron_core.transformer.dot_product_attention import DotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.norms import RMSNorm
+from megatron_core.transformer.positions import causal_mask
 
 S, B = 6, 2
 

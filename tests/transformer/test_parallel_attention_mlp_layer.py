@@ -9,7 +9,7 @@ import torch
 
 from megatron_core.transformer.norms import LayerNorm
 from megatron_core.transformer.parallel_attention_mlp_layer import ParallelAttentionMLPLayer
-from megatron_core.transformer.positional import RotaryEmbedding
+from megatron_core.transformer.positions import RotaryEmbedding
 from megatron_core.transformer.spec_utils import build_module
 from specs.gptj import get_gptj_layer_local_spec, gptj_config
 from specs.t5 import get_t5_decoder_layer_local_spec

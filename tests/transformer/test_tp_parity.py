@@ -20,7 +20,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel.random import model_parallel_manual_seed
 from megatron_core.testing import run_distributed
-from megatron_core.transformer.positional import RotaryEmbedding
+from megatron_core.transformer.positions import RotaryEmbedding
 from megatron_core.transformer.spec_utils import build_module
 from megatron_core.transformer.utils import allreduce_tp_partial_grads
 from specs.gpt import get_gpt_layer_local_spec, get_mlp_local_spec

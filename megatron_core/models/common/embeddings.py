@@ -19,17 +19,9 @@ from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel import VocabParallelEmbedding, scatter_to_sequence_parallel_region
 from megatron_core.tensor_parallel.random import get_rng_tracker
+from megatron_core.transformer.positions import LearnedPositionEmbedding, replicated_table
 
 PositionEmbeddingType = Literal["learned_absolute", "rope", "none"]
-
-
-def _replicated_embedding(num: int, dim: int, config: TransformerConfig) -> torch.nn.Embedding:
-    # Drawn in fp32 and cast, as the parallel layers do: the same seed then gives the same weights
-    # in every params_dtype (a bf16 draw consumes the RNG differently on some torch versions).
-    weight = torch.empty(num, dim, dtype=torch.float32)
-    if config.perform_initialization:
-        config.init_method(weight)
-    return torch.nn.Embedding(num, dim, _weight=weight.to(config.torch_dtype))
 
 
 class LanguageModelEmbedding(MegatronModule):
@@ -76,9 +68,16 @@ class LanguageModelEmbedding(MegatronModule):
             reduce_scatter_embeddings=self.reduce_scatter_embeddings, tp_group=self.tp_group,
         )
         if self.add_position_embedding:
-            self.position_embeddings = _replicated_embedding(max_sequence_length, config.hidden_size, config)
+            self.position_embeddings = LearnedPositionEmbedding(
+                max_sequence_length, config.hidden_size, config.init_method, config.torch_dtype,
+                config.perform_initialization,
+            )
         if num_tokentypes > 0:
-            self.tokentype_embeddings = _replicated_embedding(num_tokentypes, config.hidden_size, config)
+            # Drawn in fp32 and cast, like the position table: the same weights in every params_dtype.
+            self.tokentype_embeddings = torch.nn.Embedding(num_tokentypes, config.hidden_size, _weight=replicated_table(
+                num_tokentypes, config.hidden_size, config.init_method, config.torch_dtype,
+                config.perform_initialization,
+            ))
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def forward(

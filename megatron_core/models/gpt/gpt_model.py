@@ -20,7 +20,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.models.common.embeddings import LanguageModelEmbedding, PositionEmbeddingType
 from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.tensor_parallel import ColumnParallelLinear
-from megatron_core.transformer.positional import RotaryEmbedding
+from megatron_core.transformer.positions import RotaryEmbedding
 from megatron_core.transformer.spec_utils import ModuleSpec, check_spec
 from megatron_core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
@@ -148,8 +148,7 @@ class GPTModel(LanguageModule):
         if position_ids is None or _is_default_positions(position_ids, seq_len):
             return self.rotary_pos_emb(seq_len)  # [s, 1, 1, rot_dim]
         # Explicit positions (left padding, packed documents): one angle row per token, as HF does.
-        table = self.rotary_pos_emb(max(seq_len, int(position_ids.max()) + 1))  # [P, 1, 1, rot_dim]
-        return table[:, 0][position_ids.t()]  # [P, 1, rot_dim] by [s, b] -> [s, b, 1, rot_dim]
+        return self.rotary_pos_emb.angles_for_positions(position_ids)  # [s, b, 1, rot_dim]
 
     def forward(
         self,

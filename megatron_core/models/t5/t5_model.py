@@ -28,7 +28,7 @@ from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.models.common.masks import padding_mask
 from megatron_core.models.gpt.gpt_model import check_decoder_spec
 from megatron_core.tensor_parallel import ColumnParallelLinear
-from megatron_core.transformer.relative_position_bias import RelativePositionEmbedding
+from megatron_core.transformer.positions import RelativePositionEmbedding
 from megatron_core.transformer.spec_utils import ModuleSpec
 from megatron_core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 

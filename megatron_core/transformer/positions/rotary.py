@@ -1,8 +1,7 @@
-"""Position information: rotary embeddings (RoPE).
+"""Rotary position embeddings (RoPE): rotation angles per position, applied to queries and keys.
 
-Learned absolute positions live in the model's embedding
-(``megatron_core.models.common.embeddings.LanguageModelEmbedding``), because they are added to the
-token embeddings before the transformer. Rotary embeddings act inside attention, on queries and keys.
+Rotary embeddings act inside attention (the model computes the angles once per forward and every
+layer's attention rotates its q and k with them).
 
 Conventions (Megatron-Core's): ``RotaryEmbedding(seq_len)`` returns the rotation angles as
 ``[s, 1, 1, rot_dim]``; ``apply_rotary_pos_emb(t, freqs)`` rotates the first ``rot_dim`` channels of
@@ -10,8 +9,9 @@ Conventions (Megatron-Core's): ``RotaryEmbedding(seq_len)`` returns the rotation
 pairs channel ``i`` with ``i + rot_dim/2`` (GPT-NeoX / Llama-HF layout); interleaved pairs ``2i``
 with ``2i + 1`` (GPT-J / original Meta layout).
 
-Other position schemes (sinusoidal absolute, T5 relative bias) belong in this module too, each as
-its own small class that the model selects by ``position_embedding_type``.
+Positions are the tokens' true positions: ``forward(s, offset)`` covers ``offset .. offset+s-1``;
+``angles_for_positions(position_ids)`` gives one angle row per token for explicit positions (left
+padding, packed documents, or a context-parallel rank's chunks of the sequence).
 """
 
 from __future__ import annotations
@@ -60,17 +60,28 @@ class RotaryEmbedding(MegatronModule):
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 positions ``[n]`` -> angles ``[n, dim]``."""
+        if self.seq_len_interpolation_factor is not None:
+            positions = positions / self.seq_len_interpolation_factor
+        freqs = torch.outer(positions, self.inv_freq)  # [n, dim/2]
+        if self.rotary_interleaved:
+            return freqs.repeat_interleave(2, dim=-1)  # [n, dim]: f0 f0 f1 f1 ...
+        return torch.cat((freqs, freqs), dim=-1)  # [n, dim]: f0 f1 ... f0 f1 ...
+
     def forward(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
         """Angles for positions ``offset .. offset + max_seq_len - 1``: ``[s, 1, 1, rot_dim]`` (fp32)."""
         positions = torch.arange(max_seq_len, device=self.inv_freq.device, dtype=torch.float32) + offset
-        if self.seq_len_interpolation_factor is not None:
-            positions = positions / self.seq_len_interpolation_factor
-        freqs = torch.outer(positions, self.inv_freq)  # [s, dim/2]
-        if self.rotary_interleaved:
-            emb = freqs.repeat_interleave(2, dim=-1)  # [s, dim]: f0 f0 f1 f1 ...
-        else:
-            emb = torch.cat((freqs, freqs), dim=-1)  # [s, dim]: f0 f1 ... f0 f1 ...
-        return emb[:, None, None, :]  # [s, 1, 1, dim]
+        return self._angles(positions)[:, None, None, :]  # [s, 1, 1, dim]
+
+    def angles_for_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Angles for explicit positions ``[b, s]``: ``[s, b, 1, rot_dim]`` (fp32), one row per token.
+
+        Equal, bit for bit, to rows of ``forward(n)`` for the same integer positions.
+        """
+        b, s = position_ids.shape
+        positions = position_ids.t().reshape(-1).to(device=self.inv_freq.device, dtype=torch.float32)  # [s*b]
+        return self._angles(positions).view(s, b, 1, self.dim)  # [s, b, 1, dim]
 
 
 def _rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_core.config import TransformerConfig
-from megatron_core.transformer.relative_position_bias import (
+from megatron_core.transformer.positions import (
     RelativePositionEmbedding,
     relative_position_bucket,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_core.transformer.positional import RotaryEmbedding, apply_rotary_pos_emb
+from megatron_core.transformer.positions import RotaryEmbedding, apply_rotary_pos_emb
 
 
 def _complex_reference(t: torch.Tensor, positions: torch.Tensor, rot_dim: int, base: float, interleaved: bool):

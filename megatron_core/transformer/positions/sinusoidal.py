@@ -1,4 +1,4 @@
-"""Fixed sinusoidal absolute positions ("Attention Is All You Need", the PyTorch tutorial's encoding).
+"""Fixed sinusoidal absolute positions ("Attention Is All You Need", the PyTorch tutorial's encoding), added to the tokens.
 
 Channel ``2i`` holds ``sin(pos / base^(2i/d))`` and channel ``2i+1`` the matching cosine. The table is
 derived from the constructor arguments, so it is a non-persistent buffer: no checkpoint key.
