@@ -140,6 +140,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
         **(extra_common or {}),
     }
     if optimizer is not None:

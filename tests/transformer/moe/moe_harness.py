@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_core import TransformerConfig
+from megatron_core import parallel_state as ps
 from megatron_core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron_core.models.gpt import GPTModel
 from specs.gpt import get_gpt_layer_local_spec
@@ -36,7 +37,8 @@ def build_moe_gpt(config: TransformerConfig, grouped: bool = False) -> GPTModel:
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts,
                                     moe_grouped_gemm=grouped or config.moe_grouped_gemm)
     return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False, parallel_output=False)
+                    share_embeddings_and_output_weights=False, parallel_output=False,
+                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
 def make_batches(n: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
