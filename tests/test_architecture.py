@@ -77,15 +77,36 @@ def _known(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
-    """``(imported module, line)`` for every import of one of our modules anywhere in ``path``."""
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.AST) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement, anywhere, with whether it sits under ``if TYPE_CHECKING:`` (never runs)."""
+    found: list[tuple[ast.Import | ast.ImportFrom, bool]] = []
+    stack: list[tuple[ast.AST, bool]] = [(tree, False)]
+    while stack:
+        node, type_only = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append((node, type_only))
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend((child, True) for child in node.body)
+            stack.extend((child, type_only) for child in node.orelse)
+            continue
+        stack.extend((child, type_only) for child in ast.iter_child_nodes(node))
+    return found
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """``(imported module, line, type-only)`` for every import of one of our modules anywhere in ``path``."""
     is_package = path.name == "__init__.py"
-    found: list[tuple[str, int]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names: list[str] = []
+    found: list[tuple[str, int, bool]] = []
+    for node, type_only in _import_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:
             base = node.module or ""
             if node.level:
                 base = _resolve_relative(module, is_package, node.level, node.module)
@@ -94,23 +115,35 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
         for name in names:
             target = _known(name, modules)
             if target is not None and target != module:
-                found.append((target, node.lineno))
+                found.append((target, node.lineno, type_only))
     return found
 
 
-def import_graph(root: Path = ROOT) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
-    """Our modules and, for each, ``{imported module: first line importing it}``."""
+Graph = dict[str, dict[str, tuple[int, bool]]]  # module -> {imported module: (first line, type-only)}
+
+
+def import_graph(root: Path = ROOT) -> tuple[dict[str, Path], Graph]:
+    """Our modules and, for each, what it imports: ``{module: {imported: (first line, type-only)}}``.
+
+    An edge is type-only when every import of that module sits under ``if TYPE_CHECKING:``.
+    """
     modules = discover(root, PACKAGES)
-    graph: dict[str, dict[str, int]] = {}
+    graph: Graph = {}
     for module, path in modules.items():
-        edges: dict[str, int] = {}
-        for target, line in imports_of(module, path, modules):
-            edges.setdefault(target, line)
+        edges: dict[str, tuple[int, bool]] = {}
+        for target, line, type_only in sorted(imports_of(module, path, modules), key=lambda edge: edge[1]):
+            first_line, was_type_only = edges.get(target, (line, True))
+            edges[target] = (first_line, was_type_only and type_only)
         graph[module] = edges
     return modules, graph
 
 
-def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+def runtime_edges(graph: Graph) -> dict[str, set[str]]:
+    """The imports that run (``TYPE_CHECKING`` blocks never do, so they cannot close a cycle)."""
+    return {module: {t for t, (_, type_only) in edges.items() if not type_only} for module, edges in graph.items()}
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan, iterative)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -158,7 +191,7 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     return cycles
 
 
-def layer_violations(modules: dict[str, Path], graph: dict[str, dict[str, int]],
+def layer_violations(modules: dict[str, Path], graph: Graph,
                      floors: dict[str, int]) -> tuple[list[str], list[str]]:
     """(modules the table does not cover, imports that run up the table), as readable lines."""
     def floor(name: str) -> int | None:
@@ -167,7 +200,7 @@ def layer_violations(modules: dict[str, Path], graph: dict[str, dict[str, int]],
     uncovered = [name for name in sorted(modules) if floor(name) is None]
     upward = []
     for source in sorted(graph):
-        for target, line in sorted(graph[source].items()):
+        for target, (line, _) in sorted(graph[source].items()):
             low, high = floor(source), floor(target)
             if low is not None and high is not None and high > low:
                 rel = modules[source].relative_to(ROOT) if modules[source].is_relative_to(ROOT) else modules[source]
@@ -178,7 +211,7 @@ def layer_violations(modules: dict[str, Path], graph: dict[str, dict[str, int]],
 # ----------------------------------------------------------------------------- the checks
 def test_no_import_cycles() -> None:
     _, graph = import_graph()
-    cycles = find_cycles(graph)
+    cycles = find_cycles(runtime_edges(graph))
     assert not cycles, "import cycles (each a group of modules importing each other around a loop):\n" + "\n".join(
         " <-> ".join(cycle) for cycle in cycles
     ) + "\nFix: move the shared code down a floor, or import it from where it lives."
@@ -215,16 +248,33 @@ def test_checker_sees_cycles_inside_functions_and_relative_imports(tmp_path: Pat
         "megatron_core/low.py": "def f():\n    from megatron_core import high\n",
         "megatron_core/high.py": "from . import low\n",
         "megatron_core/other.py": "import megatron_core.low\n",
+        "megatron_core/typed.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from megatron_core import other\n",
         "specs/__init__.py": "",
     })
     modules, graph = import_graph(tmp_path)
-    assert graph["megatron_core.low"] == {"megatron_core.high": 2}
-    assert graph["megatron_core.high"] == {"megatron_core.low": 1}
-    assert find_cycles(graph) == [["megatron_core.high", "megatron_core.low"]]
+    assert graph["megatron_core.low"] == {"megatron_core.high": (2, False)}
+    assert graph["megatron_core.high"] == {"megatron_core.low": (1, False)}
+    assert find_cycles(runtime_edges(graph)) == [["megatron_core.high", "megatron_core.low"]]
     floors = parse_floors("| 1 | a | `megatron_core.low`, `megatron_core.__init__` | x |\n"
                           "| 2 | b | `megatron_core.high` | y |\n")
     uncovered, upward = layer_violations(modules, graph, floors)
-    assert uncovered == ["megatron_core.other", "specs"]
+    assert uncovered == ["megatron_core.other", "megatron_core.typed", "specs"]
+    assert len(upward) == 1 and "megatron_core.low (floor 1) imports megatron_core.high (floor 2)" in upward[0]
+
+
+def test_type_checking_imports_count_for_floors_but_cannot_close_a_cycle(tmp_path: Path) -> None:
+    _write(tmp_path, {
+        "megatron_core/__init__.py": "",
+        "megatron_core/low.py": "import typing\nif typing.TYPE_CHECKING:\n    from megatron_core.high import X\n",
+        "megatron_core/high.py": "from megatron_core import low\n",
+        "specs/__init__.py": "",
+    })
+    modules, graph = import_graph(tmp_path)
+    assert graph["megatron_core.low"] == {"megatron_core.high": (3, True)}
+    assert find_cycles(runtime_edges(graph)) == []
+    floors = parse_floors("| 1 | a | `megatron_core.low`, `megatron_core.__init__`, `specs` | x |\n"
+                          "| 2 | b | `megatron_core.high` | y |\n")
+    _, upward = layer_violations(modules, graph, floors)
     assert len(upward) == 1 and "megatron_core.low (floor 1) imports megatron_core.high (floor 2)" in upward[0]
 
 
