@@ -1,10 +1,11 @@
 """Command line: look into a checkpoint, or check every byte of it.
 
     python -m megatron_core.dist_checkpointing inspect DIR   # keys, shapes, dtypes, grid, bytes
-    python -m megatron_core.dist_checkpointing verify DIR    # read every chunk: checksums + files
+    python -m megatron_core.dist_checkpointing verify DIR    # every checksum, every file
 
-``verify`` exits with status 1 when anything is missing or corrupted, 2 when DIR is not a
-(complete) checkpoint.
+``verify`` exits with status 1 when anything is missing, corrupted or would need unpickling
+(``UNSAFE``: a file from an older version; load it with ``allow_pickle=True`` only if trusted),
+2 when DIR is not a (complete, undamaged) checkpoint.
 """
 
 from __future__ import annotations
@@ -17,8 +18,21 @@ from pathlib import Path
 import torch
 
 from megatron_core import cli
-from megatron_core.dist_checkpointing.errors import CheckpointingError
-from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
+from megatron_core.dist_checkpointing.checksums import crc32c
+from megatron_core.dist_checkpointing.errors import (
+    CheckpointingError,
+    CorruptedCheckpointError,
+    MissingChunkError,
+    UnsafeCheckpointError,
+)
+from megatron_core.dist_checkpointing.metadata import (
+    METADATA_FILE,
+    CheckpointMetadata,
+    TensorRecord,
+    metadata_is_sealed,
+    read_metadata,
+    torch_dtype,
+)
 from megatron_core.dist_checkpointing.planner import box_of, plan_reads
 from megatron_core.dist_checkpointing.tensorstore_io import TensorReader, check_chunk_files
 from megatron_core.dist_checkpointing.torch_files import read_torch_file
@@ -59,9 +73,12 @@ def inspect(path: Path, metadata: CheckpointMetadata) -> None:
 
 
 def verify(path: Path, metadata: CheckpointMetadata) -> int:
-    """Read every stored byte (tensorstore checks every crc32c); returns the number of failures."""
+    """Check every stored byte: chunk checksums (tensorstore), the crc32c of every ``torch.save``
+    file and ``zarr.json``, and that no file needs unpickling. Returns the number of failures."""
     reader = TensorReader(path)
     failures = 0
+    if not metadata_is_sealed(path):
+        print(f"note  {METADATA_FILE} has no checksum of its own (written by an older version)")
     for key, rec in sorted(metadata.tensors.items()):
         try:
             for shard in rec.shards:  # one shard at a time keeps memory at one shard
@@ -70,24 +87,41 @@ def verify(path: Path, metadata: CheckpointMetadata) -> int:
                 scratch = torch.empty(shard.shape, dtype=torch_dtype(rec.dtype))
                 reader.read_into(key, rec, scratch, plan_reads(shard.offset, shard.shape, [box]).items)
                 reader.finish()
+            _check_zarr_json(path, key, rec)
             print(f"ok    {key}")
         except CheckpointingError as e:
             failures += 1
             print(f"FAIL  {key}: {e}")
-    files = [(f"object {k} {tuple(s.offset)}", s.path, s.weights_only)
+    files = [(f"object {k} {tuple(s.offset)}", s.path, s.crc32c)
              for k, o in sorted(metadata.objects.items()) for s in o.shards]
     if metadata.common is not None:
-        files.append(("common state", metadata.common.path, metadata.common.weights_only))
-    for what, rel, weights_only in files:
+        files.append(("common state", metadata.common.path, metadata.common.crc32c))
+    for what, rel, crc in files:
         try:
-            read_torch_file(path / rel, weights_only, what)
-            print(f"ok    {what}")
+            read_torch_file(path / rel, what, crc, allow_pickle=False)
+            print(f"ok    {what}" + ("" if crc is not None else " (no checksum: written by an older version)"))
+        except UnsafeCheckpointError as e:
+            failures += 1
+            print(f"UNSAFE {what}: {e}")
         except CheckpointingError as e:
             failures += 1
             print(f"FAIL  {what}: {e}")
     print(f"{'verified' if not failures else 'FAILED'}: {len(metadata.tensors)} tensors, {len(files)} files, "
           f"{failures} failure(s)")
     return failures
+
+
+def _check_zarr_json(path: Path, key: str, rec: TensorRecord) -> None:
+    if rec.zarr_json_crc32c is None:
+        return
+    file = path / rec.path / "zarr.json"
+    try:
+        found = crc32c(file.read_bytes())
+    except OSError as e:
+        raise MissingChunkError(f"{key}: cannot read {str(file)!r}: {e}") from e
+    if found != rec.zarr_json_crc32c:
+        raise CorruptedCheckpointError(f"{key}: {str(file)!r} failed its checksum (crc32c {found:08x}, "
+                                       f"{METADATA_FILE} records {rec.zarr_json_crc32c:08x})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

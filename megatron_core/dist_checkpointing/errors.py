@@ -49,6 +49,18 @@ class CorruptedCheckpointError(CheckpointingError):
     """Stored bytes failed their checksum or could not be decoded."""
 
 
+class CorruptedMetadataError(CorruptedCheckpointError, CheckpointFormatError):
+    """``metadata.json`` failed its own checksum or is not readable JSON."""
+
+
+class UnsafeCheckpointError(CheckpointingError):
+    """A file of the checkpoint can only be loaded by unpickling (running code from the file).
+
+    Checkpoints written by this version never need it; older ones may (e.g. NumPy RNG state).
+    Load those with ``allow_pickle=True`` only when you trust where they came from.
+    """
+
+
 class CheckpointMismatchError(CheckpointingError):
     """The requested state dict and the checkpoint disagree (keys, shapes or dtypes).
 

@@ -29,6 +29,7 @@ from megatron_core.dist_checkpointing.errors import CheckpointingError, MissingC
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict, ShardedTensor
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
 from megatron_core.dist_checkpointing.planner import box_of, plan_reads
+from megatron_core.dist_checkpointing.progress import Progress
 from megatron_core.dist_checkpointing.tensorstore_io import TensorReader, check_chunk_files
 from megatron_core.dist_checkpointing.torch_files import MISSING, read_common, read_object
 from megatron_core.dist_checkpointing.validation import LoadProblems, StrictHandling, check_request, decide
@@ -39,6 +40,9 @@ def load(
     checkpoint_dir: str | os.PathLike[str],
     strict: StrictHandling | str = StrictHandling.RAISE,
     allow_dtype_cast: bool = False,
+    *,
+    allow_pickle: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Load the slices ``sharded_state_dict`` describes, from a checkpoint saved at any layout.
 
@@ -51,6 +55,11 @@ def load(
             ``"raise_missing"`` raises on missing keys only (for partial loads, e.g. the model
             of a training checkpoint). Shape and dtype mismatches always raise.
         allow_dtype_cast: cast stored tensors to the requested dtype instead of raising.
+        allow_pickle: load object files and the common state that need unpickling (only written
+            by older versions; unpickling runs code from the file: only for trusted checkpoints).
+            Without it such files raise ``UnsafeCheckpointError``; nothing is ever unpickled.
+        progress: a tqdm bar on rank 0 for loads over ~2 s when stderr is a terminal; None: on
+            unless ``$MCORE_CKPT_PROGRESS=0``.
 
     Returns:
         The same nested structure with each ``ShardedTensor`` replaced by the loaded local tensor,
@@ -61,13 +70,15 @@ def load(
         CheckpointNotFoundError, IncompleteCheckpointError, UnsupportedFormatVersionError,
         CheckpointMismatchError (MissingKeyError, UnexpectedKeyError, ShapeMismatchError,
         DTypeMismatchError when only one kind of problem), MissingChunkError,
-        CorruptedCheckpointError. Every rank raises when any rank fails.
+        CorruptedCheckpointError (names the file, and key), UnsafeCheckpointError. Every rank
+        raises when any rank fails.
     """
-    return _load(sharded_state_dict, Path(checkpoint_dir), StrictHandling(strict), allow_dtype_cast, collective=True)
+    return _load(sharded_state_dict, Path(checkpoint_dir), StrictHandling(strict), allow_dtype_cast, collective=True,
+                 allow_pickle=allow_pickle, progress=progress)
 
 
 def _load(sharded_state_dict: ShardedStateDict, path: Path, strict: StrictHandling, allow_dtype_cast: bool,
-          collective: bool) -> dict[str, Any]:
+          collective: bool, allow_pickle: bool = False, progress: bool | None = None) -> dict[str, Any]:
     """``load``; with ``collective=False`` this rank loads alone (no collectives, no global key check)."""
     gather = comm.all_gather_object if collective else (lambda obj: [obj])
     metadata = read_metadata(path)
@@ -82,9 +93,9 @@ def _load(sharded_state_dict: ShardedStateDict, path: Path, strict: StrictHandli
     error: BaseException | None = None
     loaded: dict[Any, Any] = {}
     try:
-        loaded = _read_all(path, metadata, leaves, allow_dtype_cast)
+        loaded = _read_all(path, metadata, leaves, allow_dtype_cast, allow_pickle, progress)
         if nonsharded_subtrees(sharded_state_dict):
-            loaded["__nonsharded__"] = read_common(path, metadata)["nonsharded"]
+            loaded["__nonsharded__"] = read_common(path, metadata, allow_pickle)["nonsharded"]
     except CheckpointingError as e:
         error = e
     errors = gather(error)
@@ -107,13 +118,21 @@ def _load(sharded_state_dict: ShardedStateDict, path: Path, strict: StrictHandli
 
 
 def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[Any, Any]],
-              allow_dtype_cast: bool) -> dict[Any, Any]:
+              allow_dtype_cast: bool, allow_pickle: bool, progress: bool | None) -> dict[Any, Any]:
     """Read every requested tensor slice and object shard of this rank (path in tree -> value)."""
-    reader = TensorReader(path)
+    total = sum(math.prod(leaf.local_shape) * torch.empty((), dtype=leaf.dtype).element_size()
+                for _, leaf in leaves if isinstance(leaf, ShardedTensor))
+    with Progress(f"load {path.name}", total, progress) as bar:
+        return _read_all_into(path, metadata, leaves, allow_dtype_cast, allow_pickle, bar)
+
+
+def _read_all_into(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[Any, Any]],
+                   allow_dtype_cast: bool, allow_pickle: bool, bar: Progress) -> dict[Any, Any]:
+    reader = TensorReader(path, on_bytes=bar.update)
     out: dict[Any, Any] = {}
     for tree_path, leaf in leaves:
         if isinstance(leaf, ShardedObject):
-            obj = read_object(path, metadata, leaf)
+            obj = read_object(path, metadata, leaf, allow_pickle)
             if obj is not MISSING:
                 out[tree_path] = obj
             continue
@@ -142,10 +161,10 @@ def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[A
 
 
 # ------------------------------------------------------------------------------------ inspect
-def load_common_state_dict(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``common_state_dict`` given to ``save`` ({} if none)."""
+def load_common_state_dict(checkpoint_dir: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The ``common_state_dict`` given to ``save`` ({} if none); ``allow_pickle`` as for ``load``."""
     path = Path(checkpoint_dir)
-    return read_common(path, read_metadata(path))["common"]
+    return read_common(path, read_metadata(path), allow_pickle)["common"]
 
 
 def load_tensors_metadata(checkpoint_dir: str | os.PathLike[str]) -> dict[str, ShardedTensor]:

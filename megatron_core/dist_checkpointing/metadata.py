@@ -17,9 +17,11 @@ from urllib.parse import quote
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from megatron_core.dist_checkpointing.checksums import seal_json, unseal_json
 from megatron_core.dist_checkpointing.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
+    CorruptedMetadataError,
     IncompleteCheckpointError,
     UnsupportedFormatVersionError,
 )
@@ -102,6 +104,8 @@ class TensorRecord(_Model):
     chunk_shape: tuple[int, ...]
     inner_chunk_shape: tuple[int, ...]
     shards: list[ShardRecord]
+    # crc32c of the array's zarr.json (checked by ``verify``; ``load`` never reads zarr.json)
+    zarr_json_crc32c: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -114,7 +118,11 @@ class ObjectShardRecord(_Model):
     offset: tuple[int, ...]
     path: str
     rank: int
-    weights_only: bool  # loadable with torch.load(weights_only=True)
+    # Always True when written by this version (older ones recorded False for files that need
+    # unpickling). Never trusted on load: every file is loaded with weights_only=True unless the
+    # caller opts in with allow_pickle=True.
+    weights_only: bool
+    crc32c: int | None = None  # of the whole file; None: written by an older version
 
 
 class ObjectRecord(_Model):
@@ -124,7 +132,8 @@ class ObjectRecord(_Model):
 
 class CommonRecord(_Model):
     path: str
-    weights_only: bool
+    weights_only: bool  # see ObjectShardRecord
+    crc32c: int | None = None
 
 
 class CheckpointMetadata(_Model):
@@ -140,11 +149,12 @@ class CheckpointMetadata(_Model):
 
 
 def write_metadata(checkpoint_dir: Path, metadata: CheckpointMetadata) -> None:
-    """Write ``metadata.json`` durably (temp file, fsync, rename, fsync of the directory)."""
+    """Write ``metadata.json`` durably (temp file, fsync, rename, fsync of the directory), sealed
+    with the crc32c of its body (``checksums.seal_json``)."""
     final = checkpoint_dir / METADATA_FILE
     tmp = checkpoint_dir / f".{METADATA_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(metadata.model_dump_json(indent=1))
+        f.write(seal_json(metadata.model_dump_json(indent=1)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -170,6 +180,48 @@ def _leftover_note(checkpoint_dir: Path) -> str:
             "was interrupted before it committed; those directories are not checkpoints and can be deleted.")
 
 
+def metadata_is_sealed(checkpoint_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``metadata.json`` carries its own crc32c (written by this version or later)."""
+    text = (Path(checkpoint_dir) / METADATA_FILE).read_text(encoding="utf-8")
+    return unseal_json(text)[1] is not None
+
+
+def _read_checked_json(meta_path: Path) -> object:
+    """Parse ``metadata.json`` after checking its crc32c (when it has one)."""
+    damaged = (f"{str(meta_path)!r} is damaged: {{}}. The checkpoint's table of contents cannot be "
+               "trusted; use another checkpoint.")
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise CorruptedMetadataError(damaged.format(f"not readable as UTF-8 text ({e})")) from e
+    body, stored, computed = unseal_json(text)
+    if stored is not None and stored != computed:
+        raise CorruptedMetadataError(damaged.format(
+            f"crc32c mismatch (stored {stored:08x}, computed {computed or 0:08x})" if stored >= 0
+            else "its checksum line is unreadable"))
+    try:
+        raw = json.loads(body)
+    except ValueError as e:
+        raise CorruptedMetadataError(damaged.format(f"not valid JSON ({e})")) from e
+    if stored is None and _has_file_checksums(raw) and isinstance(raw, dict) and raw.get("format") == FORMAT_NAME \
+            and raw.get("version") == FORMAT_VERSION:
+        # this version always seals metadata.json: a missing seal is a damaged first line
+        raise CorruptedMetadataError(damaged.format("its crc32c line is missing or damaged"))
+    return raw
+
+
+def _has_file_checksums(raw: object) -> bool:
+    if not isinstance(raw, dict):
+        return False
+    common = raw.get("common")
+    if isinstance(common, dict) and "crc32c" in common:
+        return True
+    objects = raw.get("objects")
+    return isinstance(objects, dict) and any(
+        isinstance(o, dict) and any(isinstance(s, dict) and "crc32c" in s for s in o.get("shards", []))
+        for o in objects.values())
+
+
 def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
     """Read and check ``metadata.json`` of a checkpoint.
 
@@ -192,10 +244,7 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
             "interrupted before it committed) or not a checkpoint at all. It cannot be loaded; "
             "use an earlier checkpoint."
         )
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"{str(meta_path)!r} is not readable JSON: {e}") from e
+    raw = _read_checked_json(meta_path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointFormatError(

@@ -20,7 +20,7 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +101,8 @@ class WriteItem:
     create: bool  # this writer also writes the array's zarr.json
 
 
-def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int = 128 << 20) -> None:
+def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int = 128 << 20,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
     """Write every item concurrently; every file written and every key directory is fsync'd
     before this returns (the caller fsyncs ``root`` itself: it gains one directory per key).
 
@@ -144,8 +145,12 @@ def write_shards(root: Path, items: Sequence[WriteItem], max_inflight_bytes: int
                 done, source = pending.popleft()
                 done.result()
                 inflight -= source.nbytes
-        for future, _ in pending:
+                if on_bytes is not None:
+                    on_bytes(source.nbytes)
+        for future, source in pending:
             future.result()
+            if on_bytes is not None:
+                on_bytes(source.nbytes)
         for future in opened.values():
             future.result()
         syncer.finish()
@@ -236,13 +241,15 @@ class TensorReader:
     few pieces (reading a whole shard at once would hold its file bytes and decoded copy together).
     """
 
-    def __init__(self, root: Path, piece_bytes: int = 4 << 20, max_inflight: int = 8) -> None:
+    def __init__(self, root: Path, piece_bytes: int = 4 << 20, max_inflight: int = 8,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         self.root = root
+        self.on_bytes = on_bytes
         self.piece_bytes = piece_bytes
         self.max_inflight = max_inflight
         self._context = ts.Context()
         self._opened: dict[str, Any] = {}
-        self._inflight: deque[tuple[Any, str, TensorRecord]] = deque()
+        self._inflight: deque[tuple[Any, str, TensorRecord, int]] = deque()
 
     def _store(self, key: str, record: TensorRecord) -> Any:
         if key not in self._opened:  # everything zarr.json says is in metadata.json: no metadata read
@@ -257,7 +264,8 @@ class TensorReader:
         for item in items:
             for global_box, target_box in self._pieces(item, record, out.element_size()):
                 future = dst[to_slices(target_box)].write(store[to_slices(global_box)])
-                self._inflight.append((future, key, record))
+                nbytes = math.prod(b - a for a, b in target_box) * out.element_size()
+                self._inflight.append((future, key, record, nbytes))
                 if len(self._inflight) > self.max_inflight:
                     self._wait_one()
 
@@ -267,9 +275,11 @@ class TensorReader:
             self._wait_one()
 
     def _wait_one(self) -> None:
-        future, key, record = self._inflight.popleft()
+        future, key, record, nbytes = self._inflight.popleft()
         try:
             future.result()
+            if self.on_bytes is not None:
+                self.on_bytes(nbytes)
         except ValueError as e:
             self._inflight.clear()
             raise CorruptedCheckpointError(

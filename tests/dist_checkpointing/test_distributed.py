@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron_core import dist_checkpointing as dc
 from megatron_core import parallel_state
-from megatron_core.dist_checkpointing import ShardedTensor, serialization, tensorstore_io
+from megatron_core.dist_checkpointing import ShardedTensor, save_job, tensorstore_io
 from megatron_core.dist_checkpointing.metadata import read_metadata
 from megatron_core.testing import run_distributed
 from tests.dist_checkpointing.helpers import (
@@ -79,15 +79,15 @@ def _save_tp2_dp2(full, path):
     written = []
     real_write = tensorstore_io.write_shards
 
-    def recording(root, items):  # the real writer, plus a note of what this rank wrote
+    def recording(root, items, **kwargs):  # the real writer, plus a note of what this rank wrote
         written.extend((item.key, item.offset) for item in items)
-        return real_write(root, items)
+        return real_write(root, items, **kwargs)
 
-    serialization.write_shards = recording
+    save_job.write_shards = recording
     try:
         dc.save(_tp_dp_state(full), path)
     finally:
-        serialization.write_shards = real_write
+        save_job.write_shards = real_write
     out = dc.load(_tp_dp_state(full, empty=True), path)
     for key, want in _tp_dp_state(full).items():
         assert torch.equal(out[key], want.data), key

@@ -101,20 +101,22 @@ def test_all_zero_tensors_are_stored_not_elided(tmp_path):
     assert torch.equal(out["b"], torch.zeros(8)) and torch.equal(out["w"], w)
 
 
-def test_sharded_objects_round_trip_including_pickled_ones(tmp_path):
+def test_sharded_objects_round_trip_as_plain_values(tmp_path):
     rng = np.random.default_rng(0)
+    arr = rng.random(3)
     state = {
         "plain": ShardedObject("plain", {"a": [1, 2.5, "x"], "t": torch.arange(4)}),
-        "numpy": ShardedObject("numpy", {"state": np.random.RandomState(1).get_state(), "arr": rng.random(3)}),
+        # NumPy state stored as tensors and plain values (what the Trainer does for its RNG)
+        "numpy": ShardedObject("numpy", {"arr": torch.from_numpy(arr), "seed": (3, None, 1.5)}),
         "bytes": ShardedObject("weird/key name", b"\x00\x01raw"),
     }
     dc.save(state, tmp_path / "ckpt")
     meta = read_metadata(tmp_path / "ckpt")
-    assert meta.objects["plain"].shards[0].weights_only
-    assert not meta.objects["numpy"].shards[0].weights_only  # needs unpickling, recorded as such
+    assert all(s.weights_only and s.crc32c is not None for o in meta.objects.values() for s in o.shards)
     out = dc.load({k: ShardedObject(v.key, None) for k, v in state.items()}, tmp_path / "ckpt")
     assert out["plain"]["a"] == [1, 2.5, "x"] and torch.equal(out["plain"]["t"], torch.arange(4))
-    np.testing.assert_array_equal(out["numpy"]["arr"], state["numpy"].data["arr"])
+    np.testing.assert_array_equal(out["numpy"]["arr"].numpy(), arr)
+    assert out["numpy"]["seed"] == (3, None, 1.5)
     assert out["bytes"] == b"\x00\x01raw"
 
 
