@@ -18,7 +18,7 @@ shared memory (another full copy, or pinning the caller's tensors) and join the 
 
 At most one save is in flight per process: every save (sync or async) first waits for the previous
 one, and raises its failure if nobody has seen it yet. A save still pending when the interpreter
-exits is waited for (its thread is not a daemon; an ``atexit`` hook reports a failure).
+exits is waited for (an exit hook that runs before thread pools shut down; it logs a failure).
 """
 
 from __future__ import annotations
@@ -98,7 +98,11 @@ def _set_pending(handle: AsyncSaveHandle) -> None:
     with _lock:
         _pending = handle
         if not _atexit_registered:
-            atexit.register(_wait_at_exit)
+            # Before interpreter shutdown stops thread pools (concurrent.futures refuses new work
+            # once it begins, and the write's fsync pool needs some): threading's own exit hooks run
+            # first, newest first, so this one runs before the pools' hook registered at import.
+            register = getattr(threading, "_register_atexit", atexit.register)
+            register(_wait_at_exit)
             _atexit_registered = True
 
 

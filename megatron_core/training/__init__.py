@@ -2,9 +2,11 @@
 at any tensor x pipeline x data parallel layout."""
 
 from megatron_core.training.checkpointing import (
+    async_save_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     load_model,
+    prune_checkpoints,
     save_checkpoint,
 )
 from megatron_core.training.loop import Trainer, TrainResult
@@ -24,6 +26,7 @@ __all__ = [
     "Trainer",
     "TrainingSettings",
     "WarmupCosineScheduler",
+    "async_save_checkpoint",
     "build_adamw",
     "clip_grad_norm",
     "finalize_grads",
@@ -34,5 +37,6 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "masked_token_loss",
+    "prune_checkpoints",
     "save_checkpoint",
 ]

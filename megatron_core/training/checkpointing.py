@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,48 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
                     extra_common: dict[str, Any] | None = None) -> Path:
     """Save everything needed to resume at ``iteration``; returns the checkpoint directory."""
     path = checkpoint_dir(save_dir, iteration)
+    sharded, common = _training_state(iteration, model, optimizer, scheduler, extra_common)
+    dist_checkpointing.save(sharded, str(path), common_state_dict=common, overwrite=True)
+    logger.debug("saved checkpoint %s", path)
+    return path
+
+
+def async_save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer | None = None,
+                          scheduler: WarmupCosineScheduler | None = None,
+                          extra_common: dict[str, Any] | None = None) -> dist_checkpointing.AsyncSaveHandle:
+    """``save_checkpoint`` in the background: returns once this rank's state is snapshotted
+    (training may continue at once); ``handle.wait()`` until committed."""
+    sharded, common = _training_state(iteration, model, optimizer, scheduler, extra_common)
+    return dist_checkpointing.async_save(sharded, str(checkpoint_dir(save_dir, iteration)), common,
+                                         overwrite=True)
+
+
+def prune_checkpoints(save_dir: str | Path, keep_last_n: int, protect: Path | None = None) -> list[Path]:
+    """Rank 0 deletes complete checkpoints older than the newest ``keep_last_n`` (never ``protect``,
+    e.g. the one a run resumed from); returns what was deleted. Call only after the newest
+    checkpoint is committed. Incomplete saves (``iter_N.tmp-*``) are left alone."""
+    root = Path(save_dir)
+    if _world()[1] != 0 or not root.is_dir():
+        return []
+    complete = sorted((int(m.group(1)), p) for p in root.iterdir()
+                      if (m := _ITER_DIR.match(p.name)) and (p / "metadata.json").is_file())
+    keep = protect.resolve() if protect is not None else None
+    deleted = []
+    for _, path in complete[:-keep_last_n]:
+        if keep is not None and path.resolve() == keep:
+            continue
+        # the commit marker first: a deletion cut short leaves an incomplete checkpoint, never a damaged one
+        (path / "metadata.json").unlink()
+        shutil.rmtree(path)
+        deleted.append(path)
+        logger.info("keep_last_n=%d: deleted %s", keep_last_n, path)
+    return deleted
+
+
+def _training_state(iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    scheduler: WarmupCosineScheduler | None, extra_common: dict[str, Any] | None
+                    ) -> tuple[ShardedStateDict, dict[str, Any]]:
     model_sd = model_sharded_state_dict(model)
     sharded: ShardedStateDict = dict(model_sd)
     common: dict[str, Any] = {
@@ -149,9 +192,7 @@ def save_checkpoint(save_dir: str | Path, iteration: int, model: torch.nn.Module
     if scheduler is not None:
         common["scheduler"] = scheduler.state_dict()
     sharded[RNG_KEY] = _rng_object(get_rng_state())
-    dist_checkpointing.save(sharded, str(path), common_state_dict=common, overwrite=True)
-    logger.debug("saved checkpoint %s", path)
-    return path
+    return sharded, common
 
 
 def load_model(checkpoint: str | Path, model: torch.nn.Module) -> dict[str, Any]:

@@ -21,10 +21,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_core import parallel_state
+from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.data.loader import MicroBatchIterator
 from megatron_core.optimizer import DistributedOptimizer
-from megatron_core.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_core.training.checkpointing import (
+    async_save_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from megatron_core.training.optimizer import (
     build_adamw,
     clip_grad_norm,
@@ -108,6 +114,8 @@ class Trainer:
                          if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None)
         self.iteration = 0
         self.consumed_samples = 0
+        self._pending_save: dist_checkpointing.AsyncSaveHandle | None = None
+        self._resumed_from: Path | None = None  # never deleted by keep_last_n
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; with ``settings.zero`` and data parallelism, ZeRO-1 (state split over the DP ranks)."""
@@ -126,7 +134,9 @@ class Trainer:
             latest_checkpoint(self.settings.save_dir) if self.settings.save_dir else None)
         if path is None:
             return None
+        self.wait_for_checkpoint()
         common = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self._resumed_from = path
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common.get("consumed_samples", 0))
         self._truncate_metrics()
@@ -143,11 +153,34 @@ class Trainer:
         path.write_text("".join(f"{line}\n" for line in kept))
 
     def save(self) -> Path:
-        if not self.settings.save_dir:
+        """Checkpoint the current iteration. With ``training.async_save`` the save continues in the
+        background (training may go on at once); it is waited for before the next save, a resume and
+        the end of ``train()``. Returns the checkpoint directory (committed once waited for)."""
+        s = self.settings
+        if not s.save_dir:
             raise ValueError("training.save_dir is not set: nowhere to save the checkpoint")
+        self.wait_for_checkpoint()
         extra = {"consumed_samples": self.consumed_samples, **self.checkpoint_extra}
-        return save_checkpoint(self.settings.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
+        if s.async_save:
+            self._pending_save = async_save_checkpoint(s.save_dir, self.iteration, self.model, self.optimizer,
+                                                       self.scheduler, extra_common=extra)
+            return self._pending_save.path
+        path = save_checkpoint(s.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
                                extra_common=extra)
+        self._prune()
+        return path
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for a background save (re-raising its failure), then apply ``training.keep_last_n``."""
+        handle, self._pending_save = self._pending_save, None
+        if handle is not None:
+            handle.wait()
+            self._prune()
+
+    def _prune(self) -> None:
+        # only ever after a newer checkpoint is committed; never the one this run resumed from
+        if self.settings.keep_last_n is not None and self.settings.save_dir:
+            prune_checkpoints(self.settings.save_dir, self.settings.keep_last_n, protect=self._resumed_from)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> torch.autocast:
@@ -256,6 +289,7 @@ class Trainer:
                 self._report(bar, f"iteration {self.iteration}: validation loss {valid:.4f}")
             if s.save_dir and self._due(s.save_interval):
                 result.checkpoint = self.save()
+        self.wait_for_checkpoint()
         bar.close()
         result.iteration = self.iteration
         return result

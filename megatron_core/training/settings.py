@@ -35,6 +35,8 @@ class TrainingSettings(BaseModel):
     save_interval: int = 0  # 0: save only at the end (when save_dir is set)
     save_dir: str | None = None
     resume: bool = True  # continue from the latest complete checkpoint in save_dir
+    async_save: bool = False  # save in the background (dist_checkpointing.async_save); waited before the next
+    keep_last_n: int | None = None  # delete older complete checkpoints once a newer one is committed
     log_interval: int = 1  # metrics line every N updates
     metrics_file: str | None = None  # JSON lines of metrics, written by rank 0
     progress_bar: bool = True
@@ -45,6 +47,9 @@ class TrainingSettings(BaseModel):
         for name in ("train_iters", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name}={getattr(self, name)} must be >= 1")
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            raise ValueError(f"training.keep_last_n={self.keep_last_n} must be >= 1 (or unset to keep every "
+                             "checkpoint)")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, lr={self.lr}]")
         if self.warmup_iters < 0 or self.warmup_iters > self.decay_iters:
