@@ -1,6 +1,7 @@
 """training.async_save and training.keep_last_n: same checkpoints as synchronous saves, retention
 only after a newer commit, never the checkpoint a run resumed from."""
 
+import pytest
 import torch
 
 from megatron_core import TransformerConfig
@@ -28,12 +29,13 @@ def _iters(save_dir):
     return sorted(p.name for p in save_dir.iterdir())
 
 
+@pytest.mark.slow
 def test_async_save_and_keep_last_n(tmp_path):
-    sync = _trainer(tmp_path / "sync", 6).train()
+    sync = _trainer(tmp_path / "sync", 8).train()
     run = _trainer(tmp_path / "async", 6, async_save=True, keep_last_n=2).train()
-    assert run.losses == sync.losses  # saving in the background changes nothing in training
+    assert run.losses == sync.losses[:6]  # saving in the background changes nothing in training
     assert _iters(tmp_path / "async") == ["iter_0000004", "iter_0000006"]  # iter 2 deleted after 6 committed
-    assert _iters(tmp_path / "sync") == ["iter_0000002", "iter_0000004", "iter_0000006"]
+    assert _iters(tmp_path / "sync") == ["iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008"]
     for it in ("iter_0000004", "iter_0000006"):  # bit-identical to what a synchronous save wrote
         want = dc.load_plain_tensors(tmp_path / "sync" / it)
         got = dc.load_plain_tensors(tmp_path / "async" / it)
@@ -43,5 +45,4 @@ def test_async_save_and_keep_last_n(tmp_path):
     assert resumed.start_iteration == 6
     assert _iters(tmp_path / "async") == ["iter_0000006", "iter_0000008"]
     assert latest_checkpoint(tmp_path / "async").name == "iter_0000008"
-    straight = _trainer(tmp_path / "straight", 8).train()
-    assert run.losses + resumed.losses == straight.losses
+    assert run.losses + resumed.losses == sync.losses
