@@ -41,7 +41,7 @@ class ModelDescription(BaseModel):
         spec_args: keyword arguments of the spec function.
         model_kwargs: the model constructor's other arguments (vocab size, positions, tying...).
         hf_config: the source ``config.json`` (restores non-structural fields on export).
-        tokenizer_files: tokenizer file name -> its bytes as latin-1 text (copied on export).
+        tokenizer_files: tokenizer file name -> its bytes as base64 text (written out on export).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -115,7 +115,8 @@ def build_model(description: ModelDescription, *, device: torch.device | str | N
         return model
 
 
-def _from_run_config(run_config: dict[str, Any]) -> ModelDescription:
+def from_run_config(run_config: dict[str, Any]) -> ModelDescription:
+    """The description of a Trainer run config (a ``RunConfig`` dict: its YAML or the checkpoint's copy)."""
     from megatron_core.training.run_config import RunConfig, build_tokenizer, build_transformer_config
 
     run = RunConfig.model_validate(run_config)
@@ -142,7 +143,7 @@ def describe_checkpoint(checkpoint: str | Path) -> ModelDescription:
     if DESCRIPTION_KEY in common:
         return ModelDescription.model_validate(common[DESCRIPTION_KEY])
     if "run_config" in common:
-        return _from_run_config(common["run_config"])
+        return from_run_config(common["run_config"])
     raise HFInteropError(f"{checkpoint}: the checkpoint does not describe its model (no {DESCRIPTION_KEY} or "
                          "run_config in its common state). Fix: pass --config RUN.yaml describing the model")
 
