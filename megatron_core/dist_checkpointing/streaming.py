@@ -17,18 +17,28 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from megatron_core.dist_checkpointing import serialization as _ser
+from megatron_core.dist_checkpointing.checksums import crc32c
 from megatron_core.dist_checkpointing.dict_utils import build_factories, sharded_leaves
 from megatron_core.dist_checkpointing.errors import CheckpointingError, ShardingValidationError
 from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
-from megatron_core.dist_checkpointing.metadata import COMMON_FILE, TensorRecord, fsync_dir, write_metadata
+from megatron_core.dist_checkpointing.metadata import (
+    COMMON_FILE,
+    CheckpointMetadata,
+    CommonRecord,
+    TensorRecord,
+    fsync_dir,
+    write_metadata,
+)
+from megatron_core.dist_checkpointing.plan_cache import tensor_records
 from megatron_core.dist_checkpointing.rename import commit_directory
+from megatron_core.dist_checkpointing.save_job import _prepare_target
 from megatron_core.dist_checkpointing.tensorstore_io import WriteItem, write_shards
-from megatron_core.dist_checkpointing.torch_files import write_torch_file
+from megatron_core.dist_checkpointing.torch_files import serialize, write_file
 from megatron_core.dist_checkpointing.validation import describe_for_save, validate_global
 
 logger = logging.getLogger(__name__)
@@ -46,7 +56,7 @@ class StreamingCheckpointWriter:
     def __init__(self, checkpoint_dir: str | os.PathLike[str], *, overwrite: bool = False,
                  parallel_sizes: dict[str, int] | None = None) -> None:
         self.target = Path(os.path.abspath(checkpoint_dir))
-        prep = _ser._prepare_target(self.target, overwrite)
+        prep = _prepare_target(self.target, overwrite)
         if isinstance(prep, BaseException):
             raise prep
         self.tmp = Path(prep)
@@ -65,22 +75,26 @@ class StreamingCheckpointWriter:
         problems += [f"{d.key}: written twice" for d in descs if d.key in self.records]
         if problems:
             raise ShardingValidationError(f"cannot write into {str(self.target)!r}: " + "; ".join(problems))
-        records = _ser._tensor_records(descs)
+        records = tensor_records(descs)
         items = []
         for leaf in leaves:
             assert isinstance(leaf, ShardedTensor) and leaf.data is not None
             items.append(WriteItem(leaf.key, records[leaf.key], leaf.global_offset,
                                    leaf.data.reshape(leaf.full_local_shape), create=not any(leaf.global_offset)))
         write_shards(self.tmp, items)
-        self.records.update(records)
+        for key, record in records.items():
+            zarr_json = (self.tmp / record.path / "zarr.json").read_bytes()
+            self.records[key] = record.model_copy(update={"zarr_json_crc32c": crc32c(zarr_json)})
 
     def commit(self, common_state_dict: dict[str, Any] | None = None) -> Path:
         """Write the common state and ``metadata.json``, then move the checkpoint into place."""
-        status = _ser._Status(ok=True)
-        status.common_weights_only = write_torch_file(self.tmp / COMMON_FILE,
-                                                      {"common": common_state_dict or {}, "nonsharded": {}})
+        data = serialize({"common": common_state_dict or {}, "nonsharded": {}}, "common_state_dict")
+        common_crc = write_file(self.tmp / COMMON_FILE, data)
         fsync_dir(self.tmp)
-        metadata = _ser._build_metadata(dict(sorted(self.records.items())), {}, [status], self.parallel_sizes)
+        metadata = CheckpointMetadata(
+            world_size=1, parallel_sizes=self.parallel_sizes,
+            common=CommonRecord(path=COMMON_FILE, weights_only=True, crc32c=common_crc),
+            tensors=dict(sorted(self.records.items())), objects={})
         write_metadata(self.tmp, metadata)
         commit_directory(self.tmp, self.target)
         self._committed = True
@@ -93,4 +107,4 @@ class StreamingCheckpointWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if not self._committed:
-            _ser._remove_uncommitted(self.tmp)
+            shutil.rmtree(self.tmp, ignore_errors=True)

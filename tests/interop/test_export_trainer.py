@@ -1,0 +1,46 @@
+"""A checkpoint the Trainer wrote at TP=2 -> export-hf -> transformers' from_pretrained gives our logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.interop.__main__ import main
+from megatron_core.testing import run_distributed
+from megatron_core.training import latest_checkpoint
+from megatron_core.training.run_config import RunConfig, model_from_checkpoint
+
+transformers = pytest.importorskip("transformers")
+CONFIG = Path(__file__).resolve().parents[2] / "examples" / "alphabet_gpt.yaml"
+
+
+def _train_tp2(save_dir: str) -> None:
+    from megatron_core.train import run_training
+
+    run = RunConfig.from_yaml(CONFIG, [
+        "parallel.tensor_model_parallel_size=2", "training.train_iters=3", "training.warmup_iters=1",
+        "training.micro_batch_size=2", "training.eval_iters=1", "training.progress_bar=false",
+        f"training.save_dir={save_dir}", "training.device=cpu", "data.seq_length=16"])
+    run_training(run)
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_exports_to_transformers(tmp_path):
+    run_distributed(_train_tp2, 2, str(tmp_path / "run"), tmp_dir=tmp_path)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert main(["export-hf", str(checkpoint), str(tmp_path / "hf")]) == 0  # no arguments: the run config says it all
+
+    parallel_state.initialize_model_parallel(1)
+    ours = model_from_checkpoint(checkpoint).model
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True,
+                                                                attn_implementation="eager")
+    assert type(hf).__name__ == "GPT2LMHeadModel"  # learned positions, LayerNorm, gelu, biases, tied: GPT-2
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens = torch.randint(0, ours.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(tokens, torch.arange(16).expand(2, 16), None)
+        got = hf.eval()(input_ids=tokens).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
