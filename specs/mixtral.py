@@ -29,6 +29,11 @@ def get_mixtral_layer_local_spec(num_experts: int = 8, moe_grouped_gemm: bool = 
     return get_llama_layer_local_spec(qk_layernorm, num_experts, moe_grouped_gemm)
 
 
+def get_qwen3_moe_layer_local_spec(num_experts: int = 128, moe_grouped_gemm: bool = False) -> ModuleSpec:
+    """The Qwen3-MoE layer: the Mixtral layer with per-head q/k RMSNorm."""
+    return get_mixtral_layer_local_spec(num_experts, moe_grouped_gemm, qk_layernorm=True)
+
+
 def mixtral_config(**overrides: Any) -> TransformerConfig:
     """A TransformerConfig with Mixtral's defaults (Llama's plus 8 experts, top-2, aux loss 0.02).
 

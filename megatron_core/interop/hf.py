@@ -44,6 +44,9 @@ FAMILY_MODULES: dict[str, str] = {
     "bert": "megatron_core.interop.hf_bert:BertFamily",
     "t5": "megatron_core.interop.hf_t5:T5Family",
     "gptj": "megatron_core.interop.hf_gptj:GPTJFamily",
+    "mixtral": "megatron_core.interop.hf_mixtral:MixtralFamily",
+    "qwen2_moe": "megatron_core.interop.hf_qwen_moe:Qwen2MoeFamily",
+    "qwen3_moe": "megatron_core.interop.hf_qwen_moe:Qwen3MoeFamily",
 }
 
 #: Attribute under which ``from_hf`` keeps the source Hugging Face config on our model, so that

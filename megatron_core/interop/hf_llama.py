@@ -99,6 +99,7 @@ class LlamaFamily(GPTModelFamily):
         cfg, kw = blueprint.config, blueprint.model_kwargs
         assert cfg.kv_channels is not None
         checks = [
+            (cfg.num_moe_experts is None, "num_moe_experts set (an MoE model: mixtral / qwen2_moe / qwen3_moe)"),
             (kw["position_embedding_type"] == "rope",
              f"position_embedding_type={kw['position_embedding_type']!r} (Llama has rope)"),
             (kw.get("rotary_percent", 1.0) == 1.0, f"rotary_percent={kw.get('rotary_percent')} (Llama: 1.0)"),
