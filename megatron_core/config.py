@@ -76,7 +76,7 @@ class TransformerConfig(BaseModel):
     activation_func: str = "gelu"
     qk_layernorm: bool = False
     softmax_scale: float | None = None
-    attention_softmax_in_fp32: bool = True
+    attention_softmax_in_fp32: bool = True  # Megatron-Core name; only True (SDPA softmax is fp32), False raises
     rotary_interleaved: bool = False
     init_method_std: float = 0.02
     use_scaled_init_method: bool = True
@@ -304,6 +304,11 @@ class TransformerConfig(BaseModel):
     def _validate_precision(self) -> None:
         if self.bf16 and self.fp16:
             raise _fail("bf16", True, "bf16 and fp16 are both set", "choose one of bf16=True or fp16=True")
+        if not self.attention_softmax_in_fp32:
+            # Megatron-Core's name, kept so its configs load; SDPA computes the softmax of bf16/fp16 inputs in
+            # fp32 (tests/transformer/test_attention.py measures it), so there is no half-precision softmax to select.
+            raise _fail("attention_softmax_in_fp32", False, "the attention core always computes the softmax in fp32",
+                        "leave attention_softmax_in_fp32=True")
 
     # ------------------------------------------------------------------ derived, read-only views
     @property

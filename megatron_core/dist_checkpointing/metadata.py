@@ -8,6 +8,7 @@ saving run, and for every key: global shape, dtype, chunk grid and the shards th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -222,6 +223,45 @@ def _has_file_checksums(raw: object) -> bool:
         for o in objects.values())
 
 
+logger = logging.getLogger(__name__)
+
+#: Where ``commit_directory``'s fallback (no ``renameat2``) parks the old checkpoint while the new one moves in.
+ASIDE_MARK = ".old-"
+
+
+def restore_interrupted_commit(checkpoint_dir: Path) -> bool:
+    """Undo a commit interrupted between its two renames (the fallback without ``renameat2``).
+
+    There the old checkpoint was renamed to ``<name>.old-*`` and the process died before the new
+    one took its place, so ``checkpoint_dir`` is missing while a complete checkpoint sits beside
+    it. Renaming it back restores the last committed state (the interrupted save never returned).
+    Returns True when a checkpoint was restored; raises ``CheckpointNotFoundError`` with the fix
+    when the rename is not possible (e.g. a read-only file system).
+    """
+    parent = checkpoint_dir.parent
+    if checkpoint_dir.exists() or not parent.is_dir():
+        return False
+    aside = sorted(p for p in parent.glob(f"{checkpoint_dir.name}{ASIDE_MARK}*") if (p / METADATA_FILE).is_file())
+    if not aside:
+        return False
+    try:
+        os.rename(aside[-1], checkpoint_dir)
+        fsync_dir(parent)
+    except FileExistsError:
+        return True  # another rank restored it first
+    except OSError as e:
+        if checkpoint_dir.is_dir():
+            return True  # another rank restored it first
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {str(checkpoint_dir)!r} does not exist: a save over it was interrupted while "
+            f"the committed checkpoint was parked at {str(aside[-1])!r}, and renaming it back failed ({e}). "
+            f"Rename {str(aside[-1])!r} to {str(checkpoint_dir)!r} to restore it."
+        ) from e
+    logger.warning("%s: a save over it was interrupted mid-commit; restored the committed checkpoint from %s",
+                   checkpoint_dir, aside[-1].name)
+    return True
+
+
 def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
     """Read and check ``metadata.json`` of a checkpoint.
 
@@ -232,7 +272,7 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
         CheckpointFormatError: the file is not this format's metadata.
     """
     path = Path(checkpoint_dir)
-    if not path.is_dir():
+    if not path.is_dir() and not restore_interrupted_commit(path):
         raise CheckpointNotFoundError(
             f"checkpoint directory {str(path)!r} does not exist.{_leftover_note(path)} "
             "Check the path (and that the save finished)."

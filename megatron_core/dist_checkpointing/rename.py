@@ -10,7 +10,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from megatron_core.dist_checkpointing.metadata import METADATA_FILE, fsync_dir
+from megatron_core.dist_checkpointing.metadata import ASIDE_MARK, METADATA_FILE, fsync_dir
 
 logger = logging.getLogger(__name__)
 _RENAME_EXCHANGE = 2
@@ -57,7 +57,9 @@ def commit_directory(tmp: Path, target: Path) -> None:
             fsync_dir(parent)
             discard_checkpoint(tmp)  # now holds the old checkpoint
             return
-        aside = parent / f"{target.name}.old-{uuid.uuid4().hex[:12]}"
+        # A crash between the two renames leaves no checkpoint at target: the next read of it
+        # (``read_metadata``) renames this one back (``restore_interrupted_commit``).
+        aside = parent / f"{target.name}{ASIDE_MARK}{uuid.uuid4().hex[:12]}"
         os.rename(target, aside)
         os.rename(tmp, target)
         fsync_dir(parent)

@@ -1,11 +1,21 @@
-"""Crash safety: a save killed with SIGKILL at random moments never damages what was committed."""
+"""Crash safety: a save killed (SIGKILL) at chosen points never damages what was committed.
+
+The saver process commits version 0, then saves version 1 and kills itself with SIGKILL at one
+chosen point of that save (deterministic: no timing, so it cannot flake on a faster or slower
+machine). The points cover every step of a save -- tensor data half written, before the common
+state, before ``metadata.json``, between ``metadata.json`` and the commit, right after the commit --
+into a new directory and over an existing checkpoint (``overwrite``), the latter both with the
+atomic ``renameat2(RENAME_EXCHANGE)`` swap and with it forced unavailable (the rename-aside fallback).
+"""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import random
-import time
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,14 +23,12 @@ import torch
 from megatron_core import dist_checkpointing as dc
 from megatron_core.dist_checkpointing import ShardedObject, ShardedTensor
 
-N_TRIALS = 12
-
 
 def _version(i: int) -> dict[str, torch.Tensor]:
-    """Checkpoint number ``i``: ~20 MB, different in every tensor for every ``i``."""
+    """Checkpoint number ``i``: different in every tensor for every ``i``."""
     g = torch.Generator().manual_seed(1000 + i)
-    out = {f"layer{j}.weight": torch.randn(512, 512, generator=g) for j in range(16)}
-    out["embedding"] = torch.randn(1024, 512, generator=g).bfloat16()
+    out = {f"layer{j}.weight": torch.randn(64, 32, generator=g) for j in range(8)}
+    out["embedding"] = torch.randn(96, 32, generator=g).bfloat16()
     return out
 
 
@@ -30,21 +38,65 @@ def _sharded(i: int) -> dict:
     return state
 
 
-def _saver(root: str, overwrite_mode: bool, progress: str) -> None:
-    """Save versions 0, 1, 2, ... forever (each to its own dir, or all over one dir)."""
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally
+
+
+def _kill_at(module: Any, name: str, armed: Callable[[], bool], after: bool = False,
+             when: Callable[..., bool] = lambda *a, **k: True, half: bool = False) -> None:
+    """Wrap ``module.name`` so that, once ``armed()``, the process dies just before (or after) a call
+    that satisfies ``when``; ``half``: first pass on only the first half of the call's items."""
+    original = getattr(module, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hit = armed() and when(*args, **kwargs)
+        if hit and half:
+            root, items = args[0], args[1]
+            original(root, items[: len(items) // 2], *args[2:], **kwargs)
+            _die()
+        if hit and not after:
+            _die()
+        result = original(*args, **kwargs)
+        if hit and after:
+            _die()
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def _install(point: str, armed: Callable[[], bool], fallback: bool) -> None:
+    from megatron_core.dist_checkpointing import rename, serialization
+
+    if fallback:
+        rename._exchange = lambda a, b: False  # renameat2 unsupported (an old kernel, another OS)
+    if point == "mid tensor data":
+        _kill_at(serialization, "write_shards", armed, half=True)
+    elif point == "before common state":
+        _kill_at(serialization, "write_torch_file", armed, when=lambda path, *a, **k: Path(path).name == "common.pt")
+    elif point == "before metadata":
+        _kill_at(serialization, "write_metadata", armed)
+    elif point == "before commit":
+        _kill_at(serialization, "commit_directory", armed)
+    elif point == "after commit":
+        _kill_at(serialization, "commit_directory", armed, after=True)
+    elif point == "old moved aside":  # the fallback's window: the old checkpoint renamed away, the new not in yet
+        _kill_at(os, "rename", armed, after=True, when=lambda src, dst: ".old-" in os.fspath(dst))
+    elif point == "before discarding the old":
+        _kill_at(rename, "discard_checkpoint", armed)
+    else:
+        raise ValueError(point)
+
+
+def _saver(root: str, overwrite_mode: bool, point: str, fallback: bool) -> None:
+    """Commit version 0, then save version 1 and die at ``point``."""
     torch.set_num_threads(1)
-    i = 0
-    while True:
+    version = [0]
+    _install(point, lambda: version[0] >= 1, fallback)
+    for i in range(2):
+        version[0] = i
         target = Path(root) / ("ckpt" if overwrite_mode else f"ckpt_{i}")
         dc.save(_sharded(i), target, common_state_dict={"version": i}, overwrite=overwrite_mode)
-        with open(progress, "a") as f:
-            f.write(f"{i}\n")
-            f.flush()
-        i += 1
-
-
-def _committed(progress: Path) -> list[int]:
-    return [int(x) for x in progress.read_text().split()] if progress.exists() else []
+    raise AssertionError(f"the kill point {point!r} was never reached")
 
 
 def _assert_is_version(path: Path, i: int) -> None:
@@ -56,25 +108,8 @@ def _assert_is_version(path: Path, i: int) -> None:
     assert dc.load({"obj": ShardedObject("obj", None)}, path, strict="ignore")["obj"] == {"version": i}
 
 
-def _check_after_kill(root: Path, overwrite_mode: bool, done: list[int]) -> str:
-    """Everything committed loads bit-exact; everything else is refused. Returns what was found."""
-    last = done[-1]
-    if overwrite_mode:
-        # the target always holds a complete checkpoint: the last reported one, or the next if the
-        # kill came after its commit but before the progress note
-        version = dc.load_common_state_dict(root / "ckpt")["version"]
-        assert version in (last, last + 1)
-        _assert_is_version(root / "ckpt", version)
-    else:
-        for i in done:
-            _assert_is_version(root / f"ckpt_{i}", i)
-        nxt = root / f"ckpt_{last + 1}"
-        if nxt.exists():  # committed just before the kill
-            _assert_is_version(nxt, last + 1)
-        else:
-            leftover = list(root.glob(f"{nxt.name}.tmp-*"))
-            with pytest.raises(dc.CheckpointNotFoundError, match="unfinished save" if leftover else "does not exist"):
-                dc.load_plain_tensors(nxt)
+def _leftovers(root: Path) -> str:
+    """What the interrupted save left beside the committed checkpoints."""
     found = "clean"
     for leftover in root.glob("ckpt*.tmp-*"):
         try:
@@ -87,27 +122,43 @@ def _check_after_kill(root: Path, overwrite_mode: bool, done: list[int]) -> str:
     return found
 
 
-@pytest.mark.slow
-def test_sigkill_during_save_never_damages_committed_checkpoints(tmp_path):
+CASES = [
+    # (kill point, overwrite, renameat2 forced off, version found at the target, leftover)
+    ("mid tensor data", False, False, None, "incomplete save refused"),
+    ("before common state", False, False, None, "incomplete save refused"),
+    ("before metadata", False, False, None, "incomplete save refused"),
+    ("before commit", False, False, None, "complete but uncommitted save"),
+    ("after commit", False, False, 1, "clean"),
+    ("mid tensor data", True, False, 0, "incomplete save refused"),
+    ("before metadata", True, False, 0, "incomplete save refused"),
+    ("before commit", True, False, 0, "complete but uncommitted save"),
+    ("before discarding the old", True, False, 1, "complete but uncommitted save"),
+    ("after commit", True, False, 1, "clean"),
+    ("before commit", True, True, 0, "complete but uncommitted save"),
+    ("old moved aside", True, True, 0, "complete but uncommitted save"),
+    ("after commit", True, True, 1, "clean"),
+]
+
+
+@pytest.mark.parametrize("point, overwrite_mode, fallback, at_target, leftover", CASES,
+                         ids=[f"{c[0]}{' overwrite' if c[1] else ''}{' no-renameat2' if c[2] else ''}" for c in CASES])
+def test_kill_during_save_never_damages_committed_checkpoints(tmp_path, point, overwrite_mode, fallback, at_target,
+                                                              leftover):
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "megatron_core.dist_checkpointing"])
-    rnd = random.Random(0)
-    outcomes = []
-    for trial in range(N_TRIALS):
-        root = tmp_path / f"trial{trial}"
-        root.mkdir()
-        progress = root.parent / f"progress{trial}.txt"
-        overwrite_mode = trial % 3 == 2
-        proc = ctx.Process(target=_saver, args=(str(root), overwrite_mode, str(progress)), daemon=True)
-        proc.start()
-        deadline = time.monotonic() + 120
-        while not _committed(progress):  # at least one committed checkpoint before the kill
-            assert proc.is_alive() and time.monotonic() < deadline, "saver died or never committed"
-            time.sleep(0.01)
-        time.sleep(rnd.uniform(0.0, 0.6))
-        proc.kill()  # SIGKILL: no cleanup, no finally
-        proc.join()
-        assert proc.exitcode == -9
-        outcomes.append(_check_after_kill(root, overwrite_mode, _committed(progress)))
-    # the random kills must actually have interrupted saves, not only landed between them
-    assert outcomes.count("incomplete save refused") >= N_TRIALS // 3, outcomes
+    proc = ctx.Process(target=_saver, args=(str(tmp_path), overwrite_mode, point, fallback), daemon=True)
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL, f"the saver exited with {proc.exitcode}, not killed at {point!r}"
+    if overwrite_mode:
+        # Always a complete checkpoint at the target (after the fallback's window: restored on read).
+        _assert_is_version(tmp_path / "ckpt", at_target)
+        assert not list(tmp_path.glob("ckpt.old-*"))
+    else:
+        _assert_is_version(tmp_path / "ckpt_0", 0)
+        if at_target is None:
+            with pytest.raises(dc.CheckpointNotFoundError, match="unfinished save|does not exist"):
+                dc.load_plain_tensors(tmp_path / "ckpt_1")
+        else:
+            _assert_is_version(tmp_path / "ckpt_1", at_target)
+    assert _leftovers(tmp_path) == leftover

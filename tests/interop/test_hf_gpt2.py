@@ -34,11 +34,25 @@ def test_tied_gpt2_both_ways(attn):
         ("untied", {"tie_word_embeddings": False}),
         ("gelu n_inner=80 eps=1e-6", {"activation_function": "gelu", "n_inner": 80, "layer_norm_epsilon": 1e-6}),
         ("unscaled attention", {"scale_attn_weights": False}),
-        ("reorder_and_upcast_attn", {"reorder_and_upcast_attn": True}),
     ],
 )
 def test_gpt2_variants(case, overrides):
     check_hf_to_ours_and_back(f"gpt2 {case}", gpt2(**overrides), VOCAB)
+
+
+def test_reorder_and_upcast_attn_in_bf16():
+    """``reorder_and_upcast_attn=True`` (scores and softmax in fp32) is where bf16 precision is at stake: it maps
+    to our fp32 softmax, so in bf16 our logits are as close to the fp32 truth as Hugging Face's own (measured:
+    max |err| 0.44 ours vs 0.45 HF, logits ~10); fp32 parity and the exact round trip hold as for any variant."""
+    hf = gpt2(reorder_and_upcast_attn=True, n_positions=64, initializer_range=0.2)
+    ours = check_hf_to_ours_and_back("gpt2 reorder_and_upcast_attn", hf, VOCAB)
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64).expand(2, 64)
+    with torch.no_grad():
+        truth = hf(tokens).logits.double()
+        hf_err = (hf.to(torch.bfloat16)(tokens).logits.double() - truth).abs().max()
+        our_err = (ours.to(torch.bfloat16)(tokens, positions, None).double() - truth).abs().max()
+    assert our_err <= 1.5 * hf_err, (float(our_err), float(hf_err))
 
 
 def test_our_gpt_from_local_spec_to_gpt2():

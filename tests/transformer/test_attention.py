@@ -156,3 +156,27 @@ def test_cross_attention_matches_manual():
     torch.testing.assert_close(out + bias, F.linear(expected, attn.linear_proj.weight, attn.linear_proj.bias))
     with pytest.raises(ValueError, match="key_value_states"):
         attn(x, None)
+
+
+def test_bf16_softmax_runs_in_fp32():
+    """``attention_softmax_in_fp32`` (the only value accepted): with bf16 q, k, v the scores and softmax are
+    computed in fp32, so the output is as close to the float64 truth as the fp32 computation on the same
+    bf16 inputs (rounded once to bf16); a softmax computed in bf16 is over 10x further off."""
+    dpa = DotProductAttention(_config(kv_channels=32), 1, AttnMaskType.causal, "self")
+    g = torch.Generator().manual_seed(0)
+    s = 64
+    q, k, v = (3 * torch.randn(s, B, 4, 32, generator=g).bfloat16() for _ in range(3))
+    mask = causal_mask(s, s)
+    truth = _reference_attention(q.double(), k.double(), v.double(), mask)
+    got = dpa(q, k, v, None)
+    assert got.dtype == torch.bfloat16
+
+    def err(x: torch.Tensor) -> float:
+        return float((x.double() - truth).abs().max())
+
+    in_fp32 = _reference_attention(q.float(), k.float(), v.float(), mask).bfloat16()
+    in_bf16 = _reference_attention(q, k, v, mask)
+    assert err(got) <= 1.25 * err(in_fp32), (err(got), err(in_fp32))
+    assert err(in_bf16) > 10 * err(got), (err(got), err(in_bf16))
+    with pytest.raises(ValueError, match="attention_softmax_in_fp32=False"):
+        _config(attention_softmax_in_fp32=False)
