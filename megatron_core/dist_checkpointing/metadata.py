@@ -27,6 +27,8 @@ from megatron_core.dist_checkpointing.errors import (
     UnsupportedFormatVersionError,
 )
 
+logger = logging.getLogger(__name__)
+
 FORMAT_NAME: Literal["megatron_core.dist_checkpointing/zarr3"] = "megatron_core.dist_checkpointing/zarr3"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -222,8 +224,6 @@ def _has_file_checksums(raw: object) -> bool:
         isinstance(o, dict) and any(isinstance(s, dict) and "crc32c" in s for s in o.get("shards", []))
         for o in objects.values())
 
-
-logger = logging.getLogger(__name__)
 
 #: Where ``commit_directory``'s fallback (no ``renameat2``) parks the old checkpoint while the new one moves in.
 ASIDE_MARK = ".old-"

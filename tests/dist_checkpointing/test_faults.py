@@ -65,20 +65,20 @@ def _kill_at(module: Any, name: str, armed: Callable[[], bool], after: bool = Fa
 
 
 def _install(point: str, armed: Callable[[], bool], fallback: bool) -> None:
-    from megatron_core.dist_checkpointing import rename, serialization
+    from megatron_core.dist_checkpointing import rename, save_job
 
     if fallback:
         rename._exchange = lambda a, b: False  # renameat2 unsupported (an old kernel, another OS)
     if point == "mid tensor data":
-        _kill_at(serialization, "write_shards", armed, half=True)
+        _kill_at(save_job, "write_shards", armed, half=True)
     elif point == "before common state":
-        _kill_at(serialization, "write_torch_file", armed, when=lambda path, *a, **k: Path(path).name == "common.pt")
+        _kill_at(save_job, "write_file", armed, when=lambda path, *a, **k: Path(path).name == "common.pt")
     elif point == "before metadata":
-        _kill_at(serialization, "write_metadata", armed)
+        _kill_at(save_job, "write_metadata", armed)
     elif point == "before commit":
-        _kill_at(serialization, "commit_directory", armed)
+        _kill_at(save_job, "commit_directory", armed)
     elif point == "after commit":
-        _kill_at(serialization, "commit_directory", armed, after=True)
+        _kill_at(save_job, "commit_directory", armed, after=True)
     elif point == "old moved aside":  # the fallback's window: the old checkpoint renamed away, the new not in yet
         _kill_at(os, "rename", armed, after=True, when=lambda src, dst: ".old-" in os.fspath(dst))
     elif point == "before discarding the old":
