@@ -51,6 +51,10 @@ CASES = {
     "interop import-mcore without a description": (
         "megatron_core.interop", ["import-mcore", str(FIXTURES / "mcore_torch_dist_gpt" / "checkpoint"), "{tmp}/out"],
         ["pass --config"]),
+    "interop import-hf not a model directory": ("megatron_core.interop", ["import-hf", "{tmp}", "{tmp}/out"],
+                                                ["config.json not found"]),
+    "interop export-hf missing checkpoint": ("megatron_core.interop", ["export-hf", "{tmp}/none", "{tmp}/out"],
+                                             ["none"]),
     "demo unknown argument": ("megatron_core.demo", ["--nope"], ["--nope"]),
 }
 

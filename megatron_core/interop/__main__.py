@@ -11,6 +11,7 @@ Everything runs in one CPU process.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 
@@ -44,9 +45,24 @@ def _parser() -> cli.ArgumentParser:
     return parser
 
 
+def bound_malloc_cache() -> None:
+    """Let glibc return freed tensors to the system at once.
+
+    glibc raises its mmap threshold each time a large block is freed, after which tensors of that
+    size come from the heap and stay resident once freed: converting tensor by tensor then grows
+    to about the model's size (measured: 154 MiB above baseline for a 112 MiB model, 32 MiB with
+    the threshold fixed at 64 KiB). Nothing happens where glibc is absent.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; also stops its dynamic growth
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bound_malloc_cache()
     if args.command == "import-mcore":
         from megatron_core.interop.mcore_import import import_mcore
 
