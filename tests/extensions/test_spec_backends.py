@@ -90,6 +90,7 @@ def test_te_spec_refuses_moe() -> None:
 
 
 def test_auto_picks_te_when_usable() -> None:
+    """Stand-in TE (CPU). Verifies the backend choice when TE looks usable. Does not verify TE itself."""
     with fake_te():  # TE's API on CPU, and a GPU reported present
         assert resolve_backend("auto") == "te"
         assert get_gpt_layer_spec().submodules.input_layernorm is IdentityOp

@@ -46,7 +46,10 @@ def test_importing_the_wrappers_without_te_raises_the_clear_error() -> None:
 
 
 def test_installed_te_without_a_gpu_is_not_usable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TE importing is not enough: the message then names only the GPU, not the extra."""
+    """Stand-in TE (importable, no GPU). Verifies the usability check and its message; not TE itself.
+
+    TE importing is not enough: the message then names only the GPU, not the extra.
+    """
     monkeypatch.syspath_prepend(FAKE_TE_ROOT)
     monkeypatch.setattr(te_usability, "cuda_device_count", lambda: 0)
     te_usability.te_import_error.cache_clear()

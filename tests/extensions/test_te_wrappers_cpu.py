@@ -47,6 +47,10 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- whole models, TP=1
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_seed_gives_the_same_weights_logits_and_grads(te: ModuleType, family: str) -> None:
+    """Stand-in TE (CPU). Verifies same init, logits and grads as the local spec through the wrappers' wiring
+    (GPT, Llama). Does not verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16
+    paths, FP8).
+    """
     local, te_model = build(family, "local", seed=3), build(family, "te", seed=3)
     local_sd = local.state_dict()
     mapped = te_to_local_state_dict(te_model.state_dict())
@@ -66,6 +70,9 @@ def test_same_seed_gives_the_same_weights_logits_and_grads(te: ModuleType, famil
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dicts_round_trip_between_specs(te: ModuleType, family: str) -> None:
+    """Stand-in TE (CPU). Verifies state-dict keys and the TE<->local key map, both ways. Does not verify TE's
+    kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     local, te_model = build(family, "local", seed=1), build(family, "te", seed=2)
     local_sd = local.state_dict()
     assert set(te_model.state_dict()) == set(local_to_te_state_dict(local_sd, with_extra_state=True))
@@ -80,6 +87,9 @@ def test_state_dicts_round_trip_between_specs(te: ModuleType, family: str) -> No
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_state_dict_equals_the_local_one(te: ModuleType, family: str) -> None:
+    """Stand-in TE (CPU). Verifies checkpoint keys, shapes and split axes equal the local spec's. Does not
+    verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     local, te_model = build(family, "local", seed=4), build(family, "te", seed=4)
     te_sharded = te_model.sharded_state_dict()
     assert same_description(describe_sharded(te_sharded), describe_sharded(local.sharded_state_dict()))
@@ -90,6 +100,9 @@ def test_sharded_state_dict_equals_the_local_one(te: ModuleType, family: str) ->
 
 # ----------------------------------------------------------------------------- modules
 def test_activation_ops_follow_the_config(te: ModuleType) -> None:
+    """Stand-in TE (CPU). Verifies which activation op the wrapper picks from the config. Does not verify TE's
+    kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     x = torch.randn(3, 2, 16)
     for name, expected in [
         ("swiglu", torch.nn.functional.silu(x[..., :8]) * x[..., 8:]),
@@ -104,6 +117,9 @@ def test_activation_ops_follow_the_config(te: ModuleType) -> None:
 
 
 def test_te_activation_in_the_llama_mlp(te: ModuleType) -> None:
+    """Stand-in TE (CPU). Verifies the TE activation slot in the Llama MLP: logits and keys. Does not verify
+    TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     torch.manual_seed(0)
     model = GPTModel(make_config("llama"), get_llama_layer_te_spec(use_te_activation_func=True), vocab_size=64,
                      max_sequence_length=16, **LLAMA_MODEL_KWARGS)
@@ -115,7 +131,10 @@ def test_te_activation_in_the_llama_mlp(te: ModuleType) -> None:
 
 
 def test_replicated_te_linear(te: ModuleType) -> None:
-    """``TELinear(parallel_mode=None)``: a whole weight on every rank, bias returned when skipped."""
+    """Stand-in TE (CPU). Verifies TELinear(parallel_mode=None) outputs, bias handling and sharding. Does not
+    verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    ``TELinear(parallel_mode=None)``: a whole weight on every rank, bias returned when skipped.
+    """
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2)
     torch.manual_seed(0)
     layer = te.TELinear(16, 8, parallel_mode=None, config=config, init_method=config.init_method, bias=True,
@@ -133,6 +152,9 @@ def test_replicated_te_linear(te: ModuleType) -> None:
 
 
 def test_fused_norm_refuses_post_norm_layers(te: ModuleType) -> None:
+    """Stand-in TE (CPU). Verifies the refusal of post-norm layers by the fused norm-linear. Does not verify
+    TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, layernorm_position="post")
     with pytest.raises(ValueError, match="layernorm_position='post'"):
         te.TELayerNormColumnParallelLinear(16, 48, config=config, init_method=config.init_method,
@@ -142,6 +164,9 @@ def test_fused_norm_refuses_post_norm_layers(te: ModuleType) -> None:
 @pytest.mark.parametrize("case", ["causal", "causal_kv_cache", "padding_mask", "causal_and_mask",
                                   "no_mask_ignores_mask", "bias"])
 def test_attention_masks_match_the_local_core(te: ModuleType, case: str) -> None:
+    """Stand-in TE (CPU). Verifies how masks, KV-cache alignment and bias are passed to TE's attention API.
+    Does not verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                attention_dropout=0.0)
     sq, sk, b = (3, 7, 2) if case == "causal_kv_cache" else (5, 5, 2)
@@ -196,6 +221,9 @@ def _gather_output_diff() -> float:
 
 @pytest.mark.parametrize("family,sequence_parallel", [("gpt", False), ("gpt", True), ("llama", False)])
 def test_tp2_sharding_and_logits_match_the_local_spec(family: str, sequence_parallel: bool, tmp_path) -> None:
+    """Stand-in TE (CPU). Verifies TP=2 (and sequence-parallel) sharding and the wrappers' collectives. Does
+    not verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths, FP8).
+    """
     for rank in run_distributed(_tp2_worker, 2, family, sequence_parallel, tmp_dir=tmp_path):
         assert rank["same_sharding"]
         assert rank["logits_diff"] < 1e-5
@@ -226,7 +254,10 @@ def _t5(backend: str) -> torch.nn.Module:
 
 
 def test_bert_te_spec_matches_local(te: ModuleType) -> None:
-    """Post-norm BERT: separate TE norms, padding masks through TE's 'arbitrary' mask."""
+    """Stand-in TE (CPU). Verifies the BERT TE spec's wiring: separate norms, padding mask as TE's 'arbitrary'
+    mask. Does not verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention, TF32/bf16 paths,
+    FP8). Post-norm BERT: separate TE norms, padding masks through TE's 'arbitrary' mask.
+    """
     local, te_model = _bert("local"), _bert("te")
     assert isinstance(te_model.encoder.layers[0].input_layernorm, te.TELayerNorm)
     mapped = te_to_local_state_dict(te_model.state_dict())
@@ -242,7 +273,11 @@ def test_bert_te_spec_matches_local(te: ModuleType) -> None:
 
 
 def test_t5_te_spec_matches_local(te: ModuleType) -> None:
-    """T5: fused norms (cross-attention's into linear_q), relative position bias through TE's bias input."""
+    """Stand-in TE (CPU). Verifies the T5 TE spec's wiring: fused cross-attention norm, relative bias through
+    TE's bias input. Does not verify TE's kernels (fused norm+GEMM numerics, flash/cuDNN attention,
+    TF32/bf16 paths, FP8). T5: fused norms (cross-attention's into linear_q), relative position bias through
+    TE's bias input.
+    """
     local, te_model = _t5("local"), _t5("te")
     local_sd = local.state_dict()
     mapped = te_to_local_state_dict(te_model.state_dict())
