@@ -1,6 +1,7 @@
 """Datasets for training: the alphabet task, memory-mapped indexed token data, packing, batching."""
 
 from megatron_core.data.alphabet import AlphabetDataset, AlphabetTokenizer
+from megatron_core.data.hf_tokenizer import HFTokenizer, TokenizerError
 from megatron_core.data.indexed_dataset import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -16,11 +17,13 @@ __all__ = [
     "AlphabetDataset",
     "AlphabetTokenizer",
     "ByteTokenizer",
+    "HFTokenizer",
     "IndexedDataset",
     "IndexedDatasetBuilder",
     "IndexedDatasetError",
     "MicroBatchIterator",
     "PackedSequenceDataset",
+    "TokenizerError",
     "best_dtype",
     "build_from_text",
     "collate",

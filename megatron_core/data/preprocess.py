@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_core import cli
+from megatron_core.data.hf_tokenizer import HFTokenizer, TokenizerError
 from megatron_core.data.indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_dtype
 from megatron_core.data.tokenizer import ByteTokenizer
 
@@ -33,8 +34,8 @@ def _documents(paths: Iterable[str | Path], split_paragraphs: bool) -> Iterable[
 
 
 def build_from_text(paths: Sequence[str | Path], output_prefix: str | Path,
-                    tokenizer: ByteTokenizer | None = None, split_paragraphs: bool = False) -> Path:
-    """Byte-tokenize ``paths`` into ``output_prefix.bin/.idx``; returns the prefix.
+                    tokenizer: ByteTokenizer | HFTokenizer | None = None, split_paragraphs: bool = False) -> Path:
+    """Tokenize ``paths`` (bytes by default) into ``output_prefix.bin/.idx`` (Megatron's format); returns the prefix.
 
     Raises:
         FileNotFoundError: an input file does not exist (named in the message).
@@ -59,10 +60,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="UTF-8 text files")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--split-paragraphs", action="store_true", help="one document per blank-line paragraph")
+    parser.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json (default: UTF-8 bytes)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_from_text(args.input, args.output_prefix, split_paragraphs=args.split_paragraphs)
+    tokenizer = HFTokenizer(args.tokenizer) if args.tokenizer else None
+    build_from_text(args.input, args.output_prefix, tokenizer=tokenizer, split_paragraphs=args.split_paragraphs)
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(IndexedDatasetError,))
+    cli.run(main, user_errors=(IndexedDatasetError, TokenizerError))

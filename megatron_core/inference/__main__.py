@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_core import cli
-from megatron_core.data import AlphabetTokenizer
+from megatron_core.data import AlphabetTokenizer, TokenizerError
 from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.inference.generation import generate
 from megatron_core.inference.sampling import SamplingParams
@@ -46,4 +46,4 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(CheckpointingError,))
+    cli.run(main, user_errors=(CheckpointingError, TokenizerError))

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,12 @@ def from_run_config(run_config: dict[str, Any]) -> ModelDescription:
         "share_embeddings_and_output_weights": run.model.share_embeddings_and_output_weights,
         **run.model.extra,
     }
-    return ModelDescription(family=None, config=config, spec=run.spec, spec_args=run.spec_args, model_kwargs=kwargs)
+    files = {}
+    if run.data.kind != "alphabet" and run.data.tokenizer.kind == "hf" and run.data.tokenizer.path \
+            and Path(run.data.tokenizer.path).is_file():
+        files["tokenizer.json"] = base64.b64encode(Path(run.data.tokenizer.path).read_bytes()).decode("ascii")
+    return ModelDescription(family=None, config=config, spec=run.spec, spec_args=run.spec_args, model_kwargs=kwargs,
+                            tokenizer_files=files)
 
 
 def describe_checkpoint(checkpoint: str | Path) -> ModelDescription:

@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -40,6 +41,7 @@ from megatron_core.data import (
     AlphabetDataset,
     AlphabetTokenizer,
     ByteTokenizer,
+    HFTokenizer,
     IndexedDataset,
     PackedSequenceDataset,
     build_from_text,
@@ -50,7 +52,7 @@ from megatron_core.transformer.spec_utils import ModuleSpec, SpecError, import_b
 
 logger = logging.getLogger(__name__)
 
-Tokenizer = AlphabetTokenizer | ByteTokenizer
+Tokenizer = AlphabetTokenizer | ByteTokenizer | HFTokenizer
 
 
 class ModelSection(BaseModel):
@@ -62,6 +64,22 @@ class ModelSection(BaseModel):
     position_embedding_type: Literal["learned_absolute", "rope", "none"] = "learned_absolute"
     share_embeddings_and_output_weights: bool = True
     extra: dict[str, Any] = Field(default_factory=dict)  # any other GPTModel keyword (rotary_base, ...)
+
+
+class TokenizerSection(BaseModel):
+    """How text becomes ids: UTF-8 bytes, or a Hugging Face ``tokenizer.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["byte", "hf"] = "byte"
+    path: str | None = None  # kind=hf: the tokenizer.json
+    eos_token: str | None = None  # kind=hf: end-of-document token (default: the usual names)
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerSection:
+        if self.kind == "hf" and not self.path:
+            raise ValueError("data.tokenizer.kind=hf needs data.tokenizer.path: a tokenizer.json")
+        return self
 
 
 class DataSection(BaseModel):
@@ -80,6 +98,7 @@ class DataSection(BaseModel):
     prefix: str | None = None  # PREFIX.bin/.idx: read (indexed) or written (text; default runs/data/<stem>)
     split_paragraphs: bool = False
     valid_fraction: float = 0.05
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)  # text / indexed
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -159,7 +178,12 @@ def build_spec(run: RunConfig) -> ModuleSpec:
 
 
 def build_tokenizer(data: DataSection) -> Tokenizer:
-    return AlphabetTokenizer() if data.kind == "alphabet" else ByteTokenizer()
+    if data.kind == "alphabet":
+        return AlphabetTokenizer()
+    if data.tokenizer.kind == "hf":
+        assert data.tokenizer.path is not None
+        return HFTokenizer(data.tokenizer.path, eos_token=data.tokenizer.eos_token)
+    return ByteTokenizer()
 
 
 def _text_prefix(data: DataSection) -> Path:
@@ -176,8 +200,11 @@ def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.D
     if data.kind == "text":
         paths = expand_paths(data.paths)
         is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if is_rank0 and not _up_to_date(prefix, paths):
-            build_from_text(paths, prefix, split_paragraphs=data.split_paragraphs)
+        if is_rank0 and not _up_to_date(prefix, paths, _tokenizer_identity(data)):
+            tokenizer = build_tokenizer(data)
+            assert not isinstance(tokenizer, AlphabetTokenizer)
+            build_from_text(paths, prefix, tokenizer=tokenizer, split_paragraphs=data.split_paragraphs)
+            prefix.with_suffix(".tokenizer").write_text(_tokenizer_identity(data))
         if dist.is_initialized():
             dist.barrier()
     packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
@@ -199,9 +226,20 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return files
 
 
-def _up_to_date(prefix: Path, sources: list[str]) -> bool:
-    idx = prefix.with_suffix(".idx")
-    return idx.is_file() and all(Path(s).stat().st_mtime <= idx.stat().st_mtime for s in sources)
+def _tokenizer_identity(data: DataSection) -> str:
+    """What tokenized ``PREFIX.bin`` (kept beside it as ``PREFIX.tokenizer``): another tokenizer rebuilds it."""
+    if data.tokenizer.kind == "byte":
+        return "byte"
+    path = Path(data.tokenizer.path or "")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return f"hf {path.resolve()} sha256={digest} eos={data.tokenizer.eos_token}"
+
+
+def _up_to_date(prefix: Path, sources: list[str], tokenizer: str = "byte") -> bool:
+    idx, recorded = prefix.with_suffix(".idx"), prefix.with_suffix(".tokenizer")
+    same_tokenizer = (recorded.read_text() if recorded.is_file() else "byte") == tokenizer
+    return (same_tokenizer and idx.is_file()
+            and all(Path(s).stat().st_mtime <= idx.stat().st_mtime for s in sources))
 
 
 def build_model(run: RunConfig, config: TransformerConfig | None = None, vocab_size: int | None = None) -> torch.nn.Module:
