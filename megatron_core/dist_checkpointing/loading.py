@@ -25,6 +25,7 @@ from megatron_core.dist_checkpointing.dict_utils import (
     replace_at,
     sharded_leaves,
 )
+from megatron_core.dist_checkpointing.direct_read import DirectReader
 from megatron_core.dist_checkpointing.errors import CheckpointingError, MissingChunkError
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict, ShardedTensor
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
@@ -129,27 +130,35 @@ def _read_all(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[A
 def _read_all_into(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tuple[Any, Any]],
                    allow_dtype_cast: bool, allow_pickle: bool, bar: Progress) -> dict[Any, Any]:
     reader = TensorReader(path, on_bytes=bar.update)
+    direct = DirectReader(path, on_bytes=bar.update)  # whole chunks, straight into place
     out: dict[Any, Any] = {}
-    for tree_path, leaf in leaves:
-        if isinstance(leaf, ShardedObject):
-            obj = read_object(path, metadata, leaf, allow_pickle)
-            if obj is not MISSING:
-                out[tree_path] = obj
-            continue
-        record = metadata.tensors.get(leaf.key)
-        if record is None:
-            continue  # missing key, tolerated by ``strict``
-        plan = plan_reads(leaf.global_offset, leaf.full_local_shape, [box_of(s.offset, s.shape) for s in record.shards])
-        padded = leaf.allow_shape_mismatch and tuple(record.global_shape) != tuple(leaf.global_shape)
-        if plan.uncovered and not padded:
-            raise MissingChunkError(f"{leaf.key}: {str(path)!r} lists no shard for {plan.uncovered}; the metadata "
-                                    "is inconsistent, the checkpoint is damaged")
-        check_chunk_files(path, leaf.key, record, [item.global_box for item in plan.items])
-        # allow_shape_mismatch: what the stored tensor does not cover stays zero
-        tensor = (torch.zeros if plan.uncovered else torch.empty)(leaf.full_local_shape, dtype=torch_dtype(record.dtype))
-        reader.read_into(leaf.key, record, tensor, plan.items)
-        out[tree_path] = tensor
-    reader.finish()
+    try:
+        for tree_path, leaf in leaves:
+            if isinstance(leaf, ShardedObject):
+                obj = read_object(path, metadata, leaf, allow_pickle)
+                if obj is not MISSING:
+                    out[tree_path] = obj
+                continue
+            record = metadata.tensors.get(leaf.key)
+            if record is None:
+                continue  # missing key, tolerated by ``strict``
+            plan = plan_reads(leaf.global_offset, leaf.full_local_shape,
+                              [box_of(s.offset, s.shape) for s in record.shards])
+            padded = leaf.allow_shape_mismatch and tuple(record.global_shape) != tuple(leaf.global_shape)
+            if plan.uncovered and not padded:
+                raise MissingChunkError(f"{leaf.key}: {str(path)!r} lists no shard for {plan.uncovered}; the "
+                                        "metadata is inconsistent, the checkpoint is damaged")
+            # allow_shape_mismatch: what the stored tensor does not cover stays zero
+            tensor = (torch.zeros if plan.uncovered else torch.empty)(leaf.full_local_shape,
+                                                                       dtype=torch_dtype(record.dtype))
+            rest = [item for item in plan.items if not direct.try_read(leaf.key, record, tensor, item)]
+            if rest:
+                check_chunk_files(path, leaf.key, record, [item.global_box for item in rest])
+                reader.read_into(leaf.key, record, tensor, rest)
+            out[tree_path] = tensor
+        reader.finish()
+    finally:
+        direct.finish()  # no read may still write into a tensor once this returns; raises the first failure
     for tree_path, leaf in leaves:
         if isinstance(leaf, ShardedTensor) and tree_path in out:
             loaded = out[tree_path].reshape(leaf.local_shape)  # drop the prepended axes

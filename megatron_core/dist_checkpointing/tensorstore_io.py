@@ -223,13 +223,15 @@ def check_chunk_files(root: Path, key: str, record: TensorRecord, boxes: Sequenc
     """
     for box in boxes:
         for index in chunks_of_box(box, record.chunk_shape):
-            path = chunk_file(root, record, index)
-            if not path.is_file():
-                raise MissingChunkError(
-                    f"{key}: chunk file {str(path)!r} (chunk {tuple(index)} of grid with chunk shape "
-                    f"{tuple(record.chunk_shape)}) is missing; the checkpoint is damaged. Restore the file "
-                    "or use another checkpoint."
-                )
+            if not chunk_file(root, record, index).is_file():
+                raise missing_chunk_error(root, key, record, index)
+
+
+def missing_chunk_error(root: Path, key: str, record: TensorRecord, index: Sequence[int]) -> MissingChunkError:
+    return MissingChunkError(
+        f"{key}: chunk file {str(chunk_file(root, record, index))!r} (chunk {tuple(index)} of grid with chunk shape "
+        f"{tuple(record.chunk_shape)}) is missing; the checkpoint is damaged. Restore the file or use another "
+        "checkpoint.")
 
 
 class TensorReader:
