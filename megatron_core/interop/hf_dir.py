@@ -123,16 +123,27 @@ class HFDirectory:
                 for name in TOKENIZER_FILES if (self.path / name).is_file()}
 
 
+def file_key_table(family: Any, blueprint: Blueprint) -> KeyTable:
+    """The key table of the files ``save_pretrained`` writes.
+
+    The same as the in-memory one, except for families whose transformers version saves another
+    layout on disk (transformers 5 writes Mixtral's experts as per-expert ``w1/w2/w3``): such a
+    family defines ``file_key_table(blueprint)`` and nothing here changes.
+    """
+    own = getattr(family, "file_key_table", None)
+    return own(blueprint) if callable(own) else family.key_table(blueprint)
+
+
 def _blueprint_and_table(hf: HFDirectory, dtype: str | None) -> tuple[Blueprint, KeyTable]:
     family = get_family(hf.config_dict["model_type"])
     blueprint = family.blueprint_from_hf(hf.hf_config())
-    table = family.key_table(blueprint)
+    table = file_key_table(family, blueprint)
     # A config may claim tied embeddings while the files hold a distinct head (T5 in transformers 5).
     for alias in table.aliases.values():
         if alias.hf in hf.weight_map and alias.of in hf.weight_map and \
                 not torch.equal(hf.tensor(alias.hf), hf.tensor(alias.of)):
             blueprint.model_kwargs["share_embeddings_and_output_weights"] = False
-            table = family.key_table(blueprint)
+            table = file_key_table(family, blueprint)
             break
     params_dtype = DTYPE_NAMES[dtype] if dtype else str(hf.dtype).removeprefix("torch.")
     blueprint.config = type(blueprint.config)(**{**blueprint.config.model_dump(), "params_dtype": params_dtype})

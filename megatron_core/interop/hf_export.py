@@ -34,7 +34,7 @@ from megatron_core.interop.description import (
 )
 from megatron_core.interop.gpt_family import GPTModelFamily
 from megatron_core.interop.hf import FAMILY_MODULES, get_family
-from megatron_core.interop.hf_dir import DTYPE_NAMES
+from megatron_core.interop.hf_dir import DTYPE_NAMES, file_key_table
 from megatron_core.interop.keymap import KeyGroup, KeyTable
 from megatron_core.interop.registry import (
     Blueprint,
@@ -189,7 +189,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | N
         model = build_model(description.model_copy(update={"family": hf_family.model_type}))
         layout = model.sharded_state_dict()
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    table = hf_family.key_table(blueprint)
+    table = file_key_table(hf_family, blueprint)
     shards = _shards(_plan(table, shapes, out_dtype), torch.empty((), dtype=out_dtype).element_size(),
                      parse_size(max_shard_size))
     out.mkdir(parents=True, exist_ok=True)

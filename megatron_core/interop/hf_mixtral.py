@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 from megatron_core.config import TransformerConfig
 from megatron_core.interop.gpt_family import hf_activation_to_ours
 from megatron_core.interop.hf_llama import LlamaFamily, _rope_theta
-from megatron_core.interop.keymap import Alias, KeyRule
-from megatron_core.interop.layouts import unstack_transforms
+from megatron_core.interop.keymap import Alias, KeyRule, KeyTable
+from megatron_core.interop.layouts import GATED_FC1, unstack_transforms
 from megatron_core.interop.registry import Blueprint, UnsupportedHFConfigError
 
 
@@ -159,3 +159,26 @@ class MixtralFamily(MoEFamilyMixin, LlamaFamily):
         cfg = blueprint.config
         assert cfg.num_moe_experts is not None
         return {"layer": cfg.num_layers, "p": ("weight",), "expert": cfg.num_moe_experts}
+
+    def file_key_table(self, blueprint: Blueprint) -> KeyTable:
+        """The key table of Mixtral's files: transformers 5 stacks the experts in memory
+        (``experts.gate_up_proj``) but ``save_pretrained`` writes the hub layout, one
+        ``block_sparse_moe.experts.{e}.w1/w2/w3`` per expert (w1 gate, w3 up, w2 down). Used by
+        ``import-hf`` / ``export-hf`` (``interop.hf_dir.file_key_table``)."""
+        return _MixtralFileLayout().key_table(blueprint)
+
+
+class _MixtralFileLayout(MixtralFamily):
+    """Mixtral with the expert layout ``save_pretrained`` writes to disk (see ``file_key_table``)."""
+
+    def mlp_rules(self, blueprint: Blueprint) -> list[KeyRule | Alias]:
+        del blueprint
+        ours, hf = self.OURS_LAYER + "mlp.", self.HF_LAYER + "block_sparse_moe."
+        expert = hf + "experts.{expert}."
+        return [
+            KeyRule(ours + "router.weight", hf + "gate.weight"),
+            KeyRule(ours + "experts.local_experts.{expert}.linear_fc1.weight", (expert + "w1.weight", expert + "w3.weight"),
+                    *GATED_FC1),
+            KeyRule(ours + "experts.local_experts.{expert}.linear_fc2.weight", expert + "w2.weight"),
+        ]
+

@@ -35,6 +35,10 @@ def _hf_model(family: str) -> torch.nn.Module:
         "bert": (t.BertForPreTraining, t.BertConfig(num_hidden_layers=2, hidden_size=48, num_attention_heads=4,
                                                     intermediate_size=80, vocab_size=VOCAB, max_position_embeddings=16,
                                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+        "mixtral": (t.MixtralForCausalLM, t.MixtralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                          num_key_value_heads=2, intermediate_size=48, vocab_size=VOCAB,
+                                                          max_position_embeddings=16, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
         "t5": (t.T5ForConditionalGeneration, t.T5Config(num_layers=2, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                                                         vocab_size=VOCAB, dropout_rate=0.0,
                                                         relative_attention_num_buckets=8,
@@ -95,7 +99,7 @@ def _safetensors(directory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "bert", "t5"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "bert", "t5", "mixtral"])
 def test_hf_directory_round_trip(family, tmp_path):
     hf = _hf_model(family)
     want = hf_logits(family, hf)
