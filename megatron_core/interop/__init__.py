@@ -20,6 +20,7 @@ Converting without models, tensor by tensor (e.g. a safetensors file)::
     table.convert("model.norm.weight", tensor, "from_hf")       # one tensor -> {our key: tensor}
 """
 
+from megatron_core.interop.description import ModelDescription, describe_checkpoint, load_checkpoint
 from megatron_core.interop.hf import (
     FAMILY_MODULES,
     blueprint_from_hf_config,
@@ -29,6 +30,8 @@ from megatron_core.interop.hf import (
     state_dict_from_hf,
     to_hf,
 )
+from megatron_core.interop.hf_dir import import_hf, load_hf_dir
+from megatron_core.interop.hf_export import export_hf
 from megatron_core.interop.keymap import Alias, KeyGroup, KeyRule, KeyTable
 from megatron_core.interop.registry import (
     Blueprint,
@@ -47,8 +50,14 @@ __all__ = [
     "Blueprint",
     "HFFamily",
     "HFInteropError",
+    "ModelDescription",
     "UnsupportedHFConfigError",
     "blueprint_from_hf_config",
+    "describe_checkpoint",
+    "export_hf",
+    "import_hf",
+    "load_checkpoint",
+    "load_hf_dir",
     "from_hf",
     "get_family",
     "key_table_from_hf_config",
