@@ -72,3 +72,31 @@ def test_train_on_text_files_then_generate(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         main(["--config", str(text_config), "--set", f"data.paths=[{tmp_path}/*.missing]",
               "--set", "training.save_dir=null"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_at_tp2_train_like_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m megatron_core.train`` (the entry point's own distributed init from
+    torchrun's environment, gloo): a TP=2 checkpoint, and the loss curve of the same run in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from megatron_core.dist_checkpointing.metadata import read_metadata
+
+    args = [a.replace(str(tmp_path / "ckpt"), str(tmp_path / "tp2")).replace(str(tmp_path / "m.jsonl"),
+                                                                             str(tmp_path / "tp2.jsonl"))
+            for a in _args(tmp_path, 3)]
+    env = {**os.environ, "PYTHONPATH": str(CONFIG.parents[1]), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "megatron_core.train", *args, "--set", "parallel.tensor_model_parallel_size=2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checkpoint = latest_checkpoint(tmp_path / "tp2")
+    assert checkpoint is not None and checkpoint.name == "iter_0000003"
+    assert read_metadata(checkpoint).parallel_sizes["tensor_model_parallel_size"] == 2  # really two TP ranks
+    records = [json.loads(line) for line in (tmp_path / "tp2.jsonl").read_text().splitlines()]
+    two = [r["loss"] for r in records if "loss" in r]
+    one = main(_args(tmp_path, 3)).losses
+    assert len(two) == 3
+    assert two == pytest.approx(one, abs=1e-5)  # TP=2 only reorders float sums
