@@ -88,6 +88,9 @@ class TransformerConfig(BaseModel):
     # ---- parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Context parallelism: the sequence is split over this many ranks (ring attention); each rank
+    # holds 2 of 2*CP load-balanced chunks, so the sequence length must be divisible by 2*CP.
+    context_parallel_size: int = 1
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
     sequence_parallel: bool = False
@@ -151,7 +154,7 @@ class TransformerConfig(BaseModel):
     @model_validator(mode="after")
     def _validate_and_derive(self) -> TransformerConfig:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size"):
+                     "pipeline_model_parallel_size", "context_parallel_size"):
             value = getattr(self, name)
             if value <= 0:
                 raise _fail(name, value, "must be a positive integer", f"set {name} >= 1")

@@ -20,7 +20,7 @@ from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDic
 def replica_id_for(tp_sharded: bool) -> tuple[int, int, int]:
     """Megatron-Core's replica id: (0, tp_rank if replicated over TP else 0, dp_rank)."""
     tp_rank = 0 if tp_sharded else parallel_state.get_tensor_model_parallel_rank()
-    return (0, tp_rank, parallel_state.get_data_parallel_rank())
+    return (0, tp_rank, parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
 def make_tp_sharded_tensor(

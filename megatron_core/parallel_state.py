@@ -1,10 +1,16 @@
-"""Process groups for tensor, data and pipeline parallelism over ``torch.distributed``.
+"""Process groups for tensor, context, data and pipeline parallelism over ``torch.distributed``.
 
-Rank layout (as in Megatron-Core's default "tp-dp-pp" order): tensor-parallel groups are blocks of
-contiguous ranks, data-parallel groups join ranks with the same TP and PP position, and
-pipeline-parallel groups stride over the whole world::
+Rank layout (as in Megatron-Core's default "tp-cp-dp-pp" order): tensor-parallel groups are blocks
+of contiguous ranks, context-parallel groups join ranks with the same TP, DP and PP position,
+data-parallel groups join ranks with the same TP, CP and PP position, and pipeline-parallel groups
+stride over the whole world::
 
-    global_rank = tp_rank + tp_size * (dp_rank + dp_size * pp_rank)
+    global_rank = tp_rank + tp_size * (cp_rank + cp_size * (dp_rank + dp_size * pp_rank))
+
+Context-parallel ranks hold the same weights and different parts of each sequence, so gradients are
+reduced over data x context parallel ranks (``get_data_parallel_group(with_context_parallel=True)``),
+while data (samples) is sharded over the data-parallel ranks only: the CP ranks of one data-parallel
+rank read the same batch and each keeps its chunks of the sequence.
 
 Expert parallelism (as in Megatron-Core) is carved out of the data-parallel ranks: the data-parallel
 index splits as ``dp_rank = ep_rank + ep_size * edp_rank``. An expert-parallel group joins
@@ -47,6 +53,11 @@ class _ParallelState:
     embedding_group: ProcessGroup | None  # first and last pipeline stage, for tied embeddings
     pp_ranks: list[int]  # global ranks of this rank's pipeline group, by stage
     embedding_ranks: list[int]
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: ProcessGroup | None = None
+    cp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's context-parallel group, by CP rank
+    dp_cp_group: ProcessGroup | None = None  # data x context parallel: where gradients are reduced
     ep_size: int = 1
     ep_rank: int = 0
     ep_group: ProcessGroup | None = None
@@ -70,13 +81,15 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
 ) -> None:
-    """Create the tensor-, data- and pipeline-parallel groups of the current world.
+    """Create the tensor-, context-, data- and pipeline-parallel groups of the current world.
 
     Args:
         tensor_model_parallel_size: ranks that split each layer's weights.
         pipeline_model_parallel_size: stages the layer stack is split into.
         expert_model_parallel_size: data-parallel ranks that split the MoE experts among them.
+        context_parallel_size: ranks that split each sequence (ring attention).
 
     Raises:
         ParallelStateError: torch.distributed is not initialised while a size > 1 is asked for,
@@ -89,16 +102,22 @@ def initialize_model_parallel(
             "model parallel state is already initialised; call destroy_model_parallel() first"
         )
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
-    if tp < 1 or pp < 1 or ep < 1:
+    cp = context_parallel_size
+    if tp < 1 or pp < 1 or ep < 1 or cp < 1:
         raise ParallelStateError(
             f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}, "
-            f"expert_model_parallel_size={ep}: sizes must be >= 1"
+            f"expert_model_parallel_size={ep}, context_parallel_size={cp}: sizes must be >= 1"
+        )
+    if cp > 1 and ep > 1:
+        raise ParallelStateError(
+            f"context_parallel_size={cp} with expert_model_parallel_size={ep}: context and expert "
+            "parallelism are not supported together yet; set one of them to 1"
         )
     if not (dist.is_available() and dist.is_initialized()):
-        if tp * pp * ep != 1:
+        if tp * pp * ep * cp != 1:
             raise ParallelStateError(
                 f"tensor_model_parallel_size={tp} x pipeline_model_parallel_size={pp} x "
-                f"expert_model_parallel_size={ep} needs "
+                f"expert_model_parallel_size={ep} x context_parallel_size={cp} needs "
                 "torch.distributed: launch with torchrun and call "
                 "torch.distributed.init_process_group() first"
             )
@@ -106,43 +125,53 @@ def initialize_model_parallel(
         return
 
     world, rank = _world()
-    if world % (tp * pp) != 0:
+    if world % (tp * cp * pp) != 0:
         raise ParallelStateError(
             f"world size {world} is not divisible by tensor_model_parallel_size ({tp}) x "
-            f"pipeline_model_parallel_size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} processes"
+            f"context_parallel_size ({cp}) x pipeline_model_parallel_size ({pp}) = {tp * cp * pp}; "
+            f"launch a multiple of {tp * cp * pp} processes"
         )
-    dp = world // (tp * pp)
+    dp = world // (tp * cp * pp)
     if dp % ep != 0:
         raise ParallelStateError(
             f"expert_model_parallel_size={ep} must divide the data-parallel size {dp} (world {world} / "
-            f"(TP {tp} x PP {pp})): expert ranks are carved out of the data-parallel ranks; launch a "
+            f"(TP {tp} x CP {cp} x PP {pp})): expert ranks are carved out of the data-parallel ranks; launch a "
             f"multiple of {tp * pp * ep} processes or lower expert_model_parallel_size"
         )
 
-    def rank_of(t: int, d: int, p: int) -> int:
-        return t + tp * (d + dp * p)
+    def rank_of(t: int, d: int, p: int, c: int = 0) -> int:
+        return t + tp * (c + cp * (d + dp * p))
 
-    tp_lists = [[rank_of(t, d, p) for t in range(tp)] for d in range(dp) for p in range(pp)]
-    dp_lists = [[rank_of(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_lists = [[rank_of(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    cps = range(cp)
+    tp_lists = [[rank_of(t, d, p, c) for t in range(tp)] for d in range(dp) for p in range(pp) for c in cps]
+    cp_lists = [[rank_of(t, d, p, c) for c in cps] for d in range(dp) for p in range(pp) for t in range(tp)]
+    dp_lists = [[rank_of(t, d, p, c) for d in range(dp)] for p in range(pp) for t in range(tp) for c in cps]
+    dp_cp_lists = [sorted(rank_of(t, d, p, c) for d in range(dp) for c in cps) for p in range(pp)
+                   for t in range(tp)]
+    pp_lists = [[rank_of(t, d, p, c) for p in range(pp)] for d in range(dp) for t in range(tp) for c in cps]
     embedding_lists = [[ranks[0], ranks[-1]] if pp > 1 else [ranks[0]] for ranks in pp_lists]
-    mp_lists = [sorted(rank_of(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)]
+    mp_lists = [sorted(rank_of(t, d, p, c) for p in range(pp) for t in range(tp)) for d in range(dp) for c in cps]
     tp_group, _ = _create_groups(tp_lists, rank)
+    cp_group, cp_ranks = _create_groups(cp_lists, rank)
     dp_group, _ = _create_groups(dp_lists, rank)
+    dp_cp_group, _ = _create_groups(dp_cp_lists, rank)
     pp_group, pp_ranks = _create_groups(pp_lists, rank)
     embedding_group, embedding_ranks = _create_groups(embedding_lists, rank)
     mp_group, _ = _create_groups(mp_lists, rank)
-    edp = dp // ep  # dp_rank = e + ep * k
+    edp = dp // ep  # dp_rank = e + ep * k (ep > 1 only with cp == 1)
     ep_lists = [[rank_of(t, e + ep * k, p) for e in range(ep)] for p in range(pp) for k in range(edp)
                 for t in range(tp)]
     edp_lists = [[rank_of(t, e + ep * k, p) for k in range(edp)] for p in range(pp) for e in range(ep)
                  for t in range(tp)]
+    if cp > 1:  # ep == 1: every rank is its own expert-parallel group; experts reduce like dense weights
+        ep_lists, edp_lists = [[r] for r in range(world)], dp_cp_lists
     ep_group, _ = _create_groups(ep_lists, rank)
     edp_group, _ = _create_groups(edp_lists, rank)
-    dp_rank = (rank // tp) % dp
+    dp_rank = (rank // (tp * cp)) % dp
     _STATE = _ParallelState(
         tp_size=tp, pp_size=pp, dp_size=dp,
-        tp_rank=rank % tp, pp_rank=rank // (tp * dp), dp_rank=(rank // tp) % dp,
+        tp_rank=rank % tp, pp_rank=rank // (tp * cp * dp), dp_rank=dp_rank,
+        cp_size=cp, cp_rank=(rank // tp) % cp, cp_group=cp_group, cp_ranks=tuple(cp_ranks), dp_cp_group=dp_cp_group,
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, embedding_ranks=embedding_ranks,
         ep_size=ep, ep_rank=dp_rank % ep, ep_group=ep_group,
@@ -191,17 +220,43 @@ def get_tensor_model_parallel_rank() -> int:
     return _state().tp_rank
 
 
+# ---- context parallel
+def get_context_parallel_group() -> ProcessGroup | None:
+    """Ranks that split each sequence (ring attention); None without torch.distributed."""
+    return _state().cp_group
+
+
+def get_context_parallel_world_size() -> int:
+    return _state().cp_size
+
+
+def get_context_parallel_rank() -> int:
+    return _state().cp_rank
+
+
+def get_context_parallel_global_ranks() -> list[int]:
+    """Global ranks of this rank's context-parallel group, ordered by CP rank."""
+    return list(_state().cp_ranks)
+
+
 # ---- data parallel
-def get_data_parallel_group() -> ProcessGroup | None:
-    return _state().dp_group
+def get_data_parallel_group(with_context_parallel: bool = False) -> ProcessGroup | None:
+    """Replicas of this rank's weights with different samples; ``with_context_parallel`` adds the
+    CP ranks (same weights, other parts of the sequences): the group gradients are reduced over."""
+    state = _state()
+    if with_context_parallel and state.cp_size > 1:
+        return state.dp_cp_group
+    return state.dp_group
 
 
-def get_data_parallel_world_size() -> int:
-    return _state().dp_size
+def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
+    state = _state()
+    return state.dp_size * (state.cp_size if with_context_parallel else 1)
 
 
-def get_data_parallel_rank() -> int:
-    return _state().dp_rank
+def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
+    state = _state()
+    return state.dp_rank * state.cp_size + state.cp_rank if with_context_parallel else state.dp_rank
 
 
 # ---- expert parallel (MoE)

@@ -1,7 +1,8 @@
 """Ready-made GPT layer specs.
 
 ``get_gpt_layer_local_spec()`` builds every slot from the local (pure PyTorch) kernels:
-``ColumnParallelLinear`` / ``RowParallelLinear`` / ``DotProductAttention`` and the local norms.
+``ColumnParallelLinear`` / ``RowParallelLinear`` / ``ContextParallelDotProductAttention`` (SDPA; ring
+attention under context parallelism) and the local norms.
 The resulting parameter names and layouts are Megatron-Core's local spec's.
 
 Example:
@@ -22,7 +23,7 @@ from megatron_core.extensions.te_usability import require_te
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron_core.transformer.bias_dropout_add import get_bias_dropout_add
-from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.context_parallel import ContextParallelDotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
 from megatron_core.transformer.mlp import MLP, MLPSubmodules
@@ -85,7 +86,8 @@ def get_gpt_layer_local_spec(
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=DotProductAttention,
+                    # DotProductAttention at CP=1; ring attention when the sequence is split (CP>1).
+                    core_attention=ContextParallelDotProductAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=norm if qk_layernorm else IdentityOp,
                     k_layernorm=norm if qk_layernorm else IdentityOp,

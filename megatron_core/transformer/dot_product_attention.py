@@ -45,6 +45,8 @@ class DotProductAttention(MegatronModule):
         tp_group: tensor-parallel group (defaults to parallel_state's).
     """
 
+    supports_context_parallel = False  # ContextParallelDotProductAttention splits the sequence
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -60,7 +62,14 @@ class DotProductAttention(MegatronModule):
         if cp_comm_type is not None:
             raise ValueError(
                 f"cp_comm_type={cp_comm_type!r}: the local DotProductAttention has no context parallelism; "
-                "leave cp_comm_type unset or use a Transformer Engine attention spec"
+                "leave cp_comm_type unset or use ContextParallelDotProductAttention (the GPT/Llama local specs)"
+            )
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp > 1 and not self.supports_context_parallel:
+            raise ValueError(
+                f"{type(self).__name__} cannot split the sequence over context_parallel_size={cp}: this family's "
+                "spec does not support context parallelism yet. Fix: context_parallel_size=1, or a GPT/Llama local "
+                "spec (its core is ContextParallelDotProductAttention)"
             )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type

@@ -8,7 +8,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_usability import TEUnavailableError, is_te_usable
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.context_parallel import ContextParallelDotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.identity_op import IdentityOp
 from specs import backends
@@ -31,7 +31,7 @@ def test_auto_picks_local_when_te_is_not_usable() -> None:
     assert resolve_backend("auto") == "local"
     attention = get_gpt_layer_spec().submodules.self_attention.submodules
     assert attention.linear_qkv is ColumnParallelLinear
-    assert attention.core_attention is DotProductAttention
+    assert attention.core_attention is ContextParallelDotProductAttention
     assert attention.linear_proj is RowParallelLinear
     assert get_llama_layer_spec().submodules.mlp.submodules.linear_fc1 is ColumnParallelLinear
     assert get_bert_layer_spec().submodules.mlp.submodules.linear_fc1 is ColumnParallelLinear

@@ -20,6 +20,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.models.common.embeddings import LanguageModelEmbedding, PositionEmbeddingType
 from megatron_core.models.common.language_module import LanguageModule
 from megatron_core.tensor_parallel import ColumnParallelLinear
+from megatron_core.transformer.context_parallel import cp_position_ids
 from megatron_core.transformer.positions import RotaryEmbedding
 from megatron_core.transformer.spec_utils import ModuleSpec, check_spec
 from megatron_core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -145,6 +146,13 @@ class GPTModel(LanguageModule):
         seq_len = hidden.shape[0]
         if self.config.sequence_parallel:
             seq_len *= parallel_state.get_tensor_model_parallel_world_size()  # [s/tp] -> s
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp > 1:
+            # This rank holds two chunks of the sequence: rotate by the tokens' true positions.
+            if position_ids is None:
+                rank = parallel_state.get_context_parallel_rank()
+                position_ids = cp_position_ids(seq_len * cp, rank, cp, hidden.device).expand(hidden.shape[1], -1)
+            return self.rotary_pos_emb.angles_for_positions(position_ids)  # [s/cp, b, 1, rot_dim]
         if position_ids is None or _is_default_positions(position_ids, seq_len):
             return self.rotary_pos_emb(seq_len)  # [s, 1, 1, rot_dim]
         # Explicit positions (left padding, packed documents): one angle row per token, as HF does.
@@ -164,6 +172,8 @@ class GPTModel(LanguageModule):
         Args:
             input_ids: token ids ``[b, s]`` (first stage).
             position_ids: ``[b, s]``; used by learned absolute positions and by RoPE (angles per token).
+                Under context parallelism ``[b, s/cp]``: the true positions of this rank's chunks
+                (``get_batch_on_this_cp_rank`` cuts every ``[b, s]`` input the same way).
             attention_mask: boolean, True = masked out, broadcastable to ``[b, 1, s, s]``; None with a
                 causal spec means plain causal attention.
             decoder_input: precomputed embeddings ``[s, b, h]`` instead of ``input_ids``.
@@ -174,6 +184,11 @@ class GPTModel(LanguageModule):
             On the last stage, logits (gathered over TP when ``parallel_output=False``) or the loss;
             on other stages, the hidden states ``[s, b, h]`` for the next stage.
         """
+        if inference_params is not None and parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError(
+                "GPTModel: KV-cache inference with context_parallel_size > 1 is not supported; generate at CP=1 "
+                "(checkpoints load at any CP size)"
+            )
         if decoder_input is None and self.pre_process:
             if input_ids is None:
                 raise ValueError("GPTModel.forward needs input_ids (or decoder_input) on the first stage")
