@@ -9,7 +9,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_core.transformer.attention import SelfAttention
-from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.context_parallel import ContextParallelDotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.mlp import MLP
 from megatron_core.transformer.norms import LayerNorm, RMSNorm
@@ -31,7 +31,7 @@ def test_local_spec_tree():
     assert subs.self_attention.params == {"attn_mask_type": AttnMaskType.causal}
     attn = subs.self_attention.submodules
     assert (attn.linear_qkv, attn.core_attention, attn.linear_proj) == (
-        ColumnParallelLinear, DotProductAttention, RowParallelLinear)
+        ColumnParallelLinear, ContextParallelDotProductAttention, RowParallelLinear)
     assert subs.mlp.module is MLP
     assert (subs.mlp.submodules.linear_fc1, subs.mlp.submodules.linear_fc2) == (ColumnParallelLinear,
                                                                                  RowParallelLinear)
