@@ -52,8 +52,13 @@ class _FixedCost(torch.autograd.Function):
 
 
 class _Config:
+    """The fields of TransformerConfig the schedule reads."""
+
     hidden_size = HIDDEN
     sequence_parallel = False
+    bf16 = False
+    fp16 = False
+    torch_dtype = torch.float32
 
 
 class SleepStage(torch.nn.Module):

@@ -7,10 +7,11 @@ replicated across tensor-parallel ranks (one main replica, written once).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
@@ -95,16 +96,27 @@ def default_sharded_state_dict(
 class MegatronModule(torch.nn.Module):
     """Base class: holds the config and implements the default ``sharded_state_dict``.
 
+    Building a module checks that the config's parallel sizes equal those of the groups that will
+    split it (``parallel_state.check_config_parallel_sizes``): the process groups decide.
+
     Args:
         config: the model's config. Modules that need none (position tables, the ``nn`` facade's
             containers) pass ``None`` and then have no ``config`` attribute.
+        groups: explicit process groups the module was handed, by argument name
+            (``{"tp_group": tp_group}``); missing or ``None`` means parallel_state's.
+
+    Raises:
+        ParallelSizeMismatchError: a parallel size of ``config`` disagrees with its group.
     """
 
     config: TransformerConfig
 
-    def __init__(self, config: TransformerConfig | None = None) -> None:
+    def __init__(
+        self, config: TransformerConfig | None = None, *, groups: Mapping[str, ProcessGroup | None] | None = None
+    ) -> None:
         super().__init__()
         if config is not None:
+            parallel_state.check_config_parallel_sizes(config, groups)
             self.config = config
 
     def sharded_state_dict(

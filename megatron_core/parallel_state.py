@@ -28,14 +28,23 @@ This module is the only global mutable state in the package.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+if TYPE_CHECKING:
+    from megatron_core.config import TransformerConfig
+
 
 class ParallelStateError(RuntimeError):
     """The requested parallel layout cannot be set up."""
+
+
+class ParallelSizeMismatchError(ValueError):
+    """A config's parallel size disagrees with the process group that will split the module."""
 
 
 @dataclass
@@ -346,3 +355,65 @@ def group_world_size(group: ProcessGroup | None) -> int:
 def group_rank(group: ProcessGroup | None) -> int:
     """This process's rank within ``group``; 0 for ``None``."""
     return 0 if group is None else dist.get_rank(group)
+
+
+# ---- one source of truth for parallel sizes
+@dataclass(frozen=True)
+class ParallelDimension:
+    """One way of splitting a model: the config field that states its size and the group that has it.
+
+    Attributes:
+        field: the ``TransformerConfig`` field holding the size.
+        group_arg: the name under which a module takes an explicit group of this dimension.
+        world_size: parallel_state's size of this dimension.
+    """
+
+    field: str
+    group_arg: str
+    world_size: Callable[[], int]
+
+
+# A new parallel dimension (expert, context) is one more row here; every module checks it then.
+PARALLEL_DIMENSIONS: tuple[ParallelDimension, ...] = (
+    ParallelDimension("tensor_model_parallel_size", "tp_group", get_tensor_model_parallel_world_size),
+    ParallelDimension("pipeline_model_parallel_size", "pp_group", get_pipeline_model_parallel_world_size),
+)
+
+
+def check_config_parallel_sizes(
+    config: TransformerConfig, groups: Mapping[str, ProcessGroup | None] | None = None
+) -> None:
+    """Raise unless every parallel size in ``config`` equals the size of the group that splits the module.
+
+    The process groups decide; the config must agree, so that its divisibility checks (heads, query
+    groups, FFN width by the TP size) are the ones that hold for the groups really used.
+
+    Args:
+        config: the config a module is being built with.
+        groups: explicit groups handed to the module, by argument name (``{"tp_group": group}``);
+            a missing or ``None`` entry means parallel_state's group.
+
+    Raises:
+        ParallelSizeMismatchError: a size disagrees; the message names the field, both sizes and the fix.
+        ValueError: ``groups`` names an argument that is no parallel dimension.
+    """
+    given = dict(groups or {})
+    known = {dim.group_arg for dim in PARALLEL_DIMENSIONS}
+    if not set(given) <= known:
+        raise ValueError(f"check_config_parallel_sizes: unknown group arguments {sorted(set(given) - known)}; "
+                         f"use {sorted(known)}")
+    for dim in PARALLEL_DIMENSIONS:
+        expected = getattr(config, dim.field)
+        group = given.get(dim.group_arg)
+        if group is not None:
+            actual = group_world_size(group)
+            where = f"the {dim.group_arg} passed to the module has {actual} rank(s)"
+            fix = f"pass a {dim.group_arg} of {expected} ranks, or set {dim.field}={actual} in the config"
+        else:
+            actual = dim.world_size()
+            state = "" if model_parallel_is_initialized() else " (not initialised: a single process)"
+            where = f"parallel_state{state} has {dim.field}={actual}"
+            fix = (f"call parallel_state.initialize_model_parallel({dim.field}={expected}, ...) before building "
+                   f"the model, or set {dim.field}={actual} in the config")
+        if expected != actual:
+            raise ParallelSizeMismatchError(f"config.{dim.field}={expected} but {where}. Fix: {fix}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup
 
+from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_common import TEModuleMixin, resolve_tp, te
 from megatron_core.tensor_parallel.random import get_rng_tracker
@@ -68,6 +69,7 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
                 f"cp_comm_type={cp_comm_type!r}: context parallelism is not available in this toolkit; "
                 "leave cp_comm_type unset"
             )
+        parallel_state.check_config_parallel_sizes(config, {"tp_group": tp_group})
         group, tp_size, _ = resolve_tp(tp_group)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         scale = softmax_scale if softmax_scale is not None else config.softmax_scale

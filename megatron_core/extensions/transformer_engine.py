@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch.distributed import ProcessGroup
 
+from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
 from megatron_core.extensions.te_common import (
@@ -85,6 +86,7 @@ def _te_linear_kwargs(
     init_method: Callable[[torch.Tensor], Any], bias: bool, skip_bias_add: bool, tp_group: ProcessGroup | None, stride: int,
 ) -> dict[str, Any]:
     """Keyword arguments shared by ``te.pytorch.Linear`` and ``te.pytorch.LayerNormLinear``."""
+    parallel_state.check_config_parallel_sizes(config, {"tp_group": tp_group})
     group, tp_size, tp_rank = resolve_tp(tp_group)
     if parallel_mode is None:
         tp_size_for_split, tp_rank_for_split = 1, 0

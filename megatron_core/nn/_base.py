@@ -81,9 +81,11 @@ def dtype_name(dtype: torch.dtype | None) -> DtypeName:
 
 def linear_layer_config(dtype: torch.dtype | None, perform_initialization: bool = True) -> TransformerConfig:
     """The config a bare parallel linear/embedding needs: only its dtype and init switch matter."""
+    world = tp_size()  # the sizes only have to be divisible by it
     return TransformerConfig(
-        num_layers=1, hidden_size=1, num_attention_heads=1, ffn_hidden_size=tp_size(),
+        num_layers=1, hidden_size=world, num_attention_heads=world, ffn_hidden_size=world,
         params_dtype=dtype_name(dtype), perform_initialization=perform_initialization,
+        tensor_model_parallel_size=world,
     )
 
 

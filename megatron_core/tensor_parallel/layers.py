@@ -140,7 +140,7 @@ class ColumnParallelLinear(MegatronModule):
         tp_group: ProcessGroup | None = None,
         disable_grad_reduce: bool = False,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         del tp_comm_buffer_name  # Megatron-Core-compatible argument; the local kernels overlap no communication
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
@@ -257,7 +257,7 @@ class RowParallelLinear(MegatronModule):
         tp_comm_buffer_name: str | None = None,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         del tp_comm_buffer_name  # Megatron-Core-compatible argument; the local kernels overlap no communication
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel = input_is_parallel
@@ -344,7 +344,7 @@ class VocabParallelEmbedding(MegatronModule):
         reduce_scatter_embeddings: bool = False,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.reduce_scatter_embeddings = reduce_scatter_embeddings
         self.tp_group = _tp_group_of(tp_group)

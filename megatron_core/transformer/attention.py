@@ -79,7 +79,7 @@ class Attention(MegatronModule):
         self, config: TransformerConfig, submodules: Any, layer_number: int, attn_mask_type: AttnMaskType,
         attention_type: str, cp_comm_type: str | None = None, tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type

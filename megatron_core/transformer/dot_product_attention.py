@@ -58,7 +58,7 @@ class DotProductAttention(MegatronModule):
         cp_comm_type: str | None = None,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         if cp_comm_type is not None:
             raise ValueError(
                 f"cp_comm_type={cp_comm_type!r}: the local DotProductAttention has no context parallelism; "

@@ -129,7 +129,7 @@ class MLP(MegatronModule):
         ffn_hidden_size: int | None = None,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         self.input_size = input_size if input_size is not None else config.hidden_size
         self.ffn_hidden_size = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_hidden_size
         self.gated = bool(config.gated_linear_unit)

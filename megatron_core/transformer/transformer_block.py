@@ -53,12 +53,7 @@ def _stage_layer_counts(config: TransformerConfig) -> list[int]:
 
 
 def _pipeline_rank(config: TransformerConfig) -> int:
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp_size != config.pipeline_model_parallel_size:
-        raise ValueError(
-            f"config.pipeline_model_parallel_size={config.pipeline_model_parallel_size} but parallel_state has "
-            f"{pp_size} pipeline stages; call initialize_model_parallel with the config's sizes"
-        )
+    parallel_state.check_config_parallel_sizes(config)  # the stage split assumes the config's PP size
     return parallel_state.get_pipeline_model_parallel_rank()
 
 

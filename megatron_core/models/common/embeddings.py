@@ -48,7 +48,7 @@ class LanguageModelEmbedding(MegatronModule):
         scatter_to_sequence_parallel: bool = True,
         tp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config)
+        super().__init__(config, groups={"tp_group": tp_group})
         if position_embedding_type not in ("learned_absolute", "rope", "none"):
             raise ValueError(
                 f"position_embedding_type={position_embedding_type!r}; use 'learned_absolute', 'rope' or 'none'"

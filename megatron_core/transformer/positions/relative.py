@@ -139,14 +139,17 @@ class RelativePositionEmbedding(RelativePositionBias):
         self, config: TransformerConfig, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128,
         tp_group: ProcessGroup | None = None,
     ) -> None:
+        # Checked against the group really used (explicit or parallel_state's) before dividing by its size.
+        parallel_state.check_config_parallel_sizes(config, {"tp_group": tp_group})
         group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
         tp, rank = parallel_state.group_world_size(group), parallel_state.group_rank(group)
         per_rank = config.num_attention_heads // tp
         super().__init__(
             config.num_attention_heads, bidirectional, num_buckets, max_distance, init_method=config.init_method,
             dtype=config.torch_dtype, perform_initialization=config.perform_initialization,
-            heads=(rank * per_rank, (rank + 1) * per_rank), config=config,
+            heads=(rank * per_rank, (rank + 1) * per_rank),
         )
+        self.config = config
         self.tp_group = group
         set_tensor_model_parallel_attributes(self.relative_attention_bias.weight, True, 1, 1)
 
