@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_core import parallel_state as ps
 from megatron_core.config import TransformerConfig
+from megatron_core.testing import run_distributed
 from megatron_core.transformer.norms import LayerNorm, RMSNorm, WrappedNorm, build_norm
 
 
@@ -41,5 +43,14 @@ def test_wrapped_norm_follows_config_and_tags_sequence_parallel():
     assert isinstance(WrappedNorm(_config(), 16), LayerNorm)
     rms = WrappedNorm(_config(normalization="RMSNorm"), 16, eps=1e-3)
     assert isinstance(rms, RMSNorm) and rms.eps == 1e-3
+    assert not any(p.sequence_parallel for p in build_norm(_config(), 16).parameters())
+
+
+def _sequence_parallel_tags() -> list[bool]:
+    ps.initialize_model_parallel(2)  # a sequence-parallel config needs the TP=2 world it describes
     sp = build_norm(_config(tensor_model_parallel_size=2, sequence_parallel=True), 16)
-    assert all(p.sequence_parallel for p in sp.parameters())
+    return [p.sequence_parallel for p in sp.parameters()]
+
+
+def test_sequence_parallel_norm_params_are_tagged(tmp_path):
+    assert run_distributed(_sequence_parallel_tags, 2, tmp_dir=tmp_path) == [[True, True], [True, True]]

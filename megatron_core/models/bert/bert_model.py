@@ -74,8 +74,8 @@ class BertModel(LanguageModule):
         post_process: bool = True,
         fp16_lm_cross_entropy: bool = False,
     ) -> None:
+        _check_supported(config, pre_process, post_process)  # first: a refused layout is refused in any world
         super().__init__(config)
-        _check_supported(config, pre_process, post_process)
         check_decoder_spec(transformer_layer_spec, "encoder.layers")
         self.transformer_layer_spec = transformer_layer_spec
         self.vocab_size = vocab_size

@@ -92,9 +92,9 @@ class T5Model(LanguageModule):
         relative_attention_max_distance: int = 128,
         fp16_lm_cross_entropy: bool = False,
     ) -> None:
-        super().__init__(config)
         encoder_config = encoder_config if encoder_config is not None else config
-        _check_supported(config, encoder_config)
+        _check_supported(config, encoder_config)  # first: a refused layout is refused in any world
+        super().__init__(config)
         if position_embedding_type not in ("relative", "learned_absolute"):
             raise ValueError(f"position_embedding_type={position_embedding_type!r}; use 'relative' or 'learned_absolute'")
         check_decoder_spec(transformer_encoder_layer_spec, "encoder.layers")
