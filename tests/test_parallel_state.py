@@ -149,5 +149,5 @@ def test_config_disagreeing_with_a_tp2_world_or_an_explicit_group_raises(tmp_pat
 
 
 def test_unknown_group_argument_is_refused():
-    with pytest.raises(ValueError, match="ep_group"):
-        ps.check_config_parallel_sizes(_tiny_config(), {"ep_group": None})
+    with pytest.raises(ValueError, match="cp_group"):
+        ps.check_config_parallel_sizes(_tiny_config(), {"cp_group": None})

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
@@ -30,9 +31,9 @@ from megatron_core.dist_checkpointing.mapping import (
     ShardedTensor,
     ShardedTensorFactory,
 )
+from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_core.transformer.mlp import MLP, MLPSubmodules
-from megatron_core.transformer.module import MegatronModule
 from megatron_core.transformer.utils import _leaves, replace_prefix_for_sharding
 
 
@@ -138,7 +139,7 @@ class SequentialMLP(MegatronModule):
         return expert_sharded_state_dict(self, self.num_local_experts, prefix, sharded_offsets, metadata)
 
 
-def weights_for_tp_split(probs: torch.Tensor, tp_group: Any) -> torch.Tensor:
+def weights_for_tp_split(probs: torch.Tensor, tp_group: ProcessGroup | None) -> torch.Tensor:
     """The combine weights, about to scale a TP-split activation: their gradient is a partial sum on
     each TP rank (each holds part of the ffn dimension), so backward all-reduces it over TP."""
     if parallel_state.group_world_size(tp_group) == 1:

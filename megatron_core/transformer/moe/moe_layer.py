@@ -19,7 +19,7 @@ import torch
 
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 from megatron_core.transformer.moe.experts import ExpertsBuilder
 from megatron_core.transformer.moe.router import RouterBuilder
 from megatron_core.transformer.moe.token_dispatcher import (
@@ -55,13 +55,7 @@ class MoELayer(MegatronModule):
         super().__init__(config)
         if config.num_moe_experts is None:
             raise ValueError("MoELayer: config.num_moe_experts is None; set num_moe_experts or use a dense MLP spec")
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        if ep_size != config.expert_model_parallel_size:
-            raise ValueError(
-                f"config.expert_model_parallel_size={config.expert_model_parallel_size} but parallel_state has "
-                f"{ep_size} expert-parallel ranks; call initialize_model_parallel(..., "
-                f"expert_model_parallel_size={config.expert_model_parallel_size})"
-            )
+        ep_size = parallel_state.get_expert_model_parallel_world_size()  # = the config's: checked by the base
         self.layer_number = layer_number
         self.num_local_experts = config.num_moe_experts // ep_size
         offset = parallel_state.get_expert_model_parallel_rank() * self.num_local_experts

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from megatron_core.config import TransformerConfig
-from megatron_core.transformer.module import MegatronModule
+from megatron_core.module import MegatronModule
 from megatron_core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     apply_capacity,
