@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 TIMEOUT_ENV = "MCORE_CKPT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -64,7 +65,7 @@ def checkpoint_group(timeout_s: float) -> Any:
         return group
 
 
-def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     """Every rank's ``obj``, by rank (also a barrier)."""
     if not is_distributed():
         return [obj]
@@ -73,7 +74,7 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+def broadcast_object(obj: Any, src: int = 0, group: ProcessGroup | None = None) -> Any:
     """Rank ``src``'s ``obj`` on every rank."""
     if not is_distributed():
         return obj

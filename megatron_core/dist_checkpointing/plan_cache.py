@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core.dist_checkpointing import comm
 from megatron_core.dist_checkpointing.metadata import (
@@ -52,7 +53,7 @@ class PlanCache:
     def clear(self) -> None:
         self.key, self.plan_ = None, None
 
-    def plan(self, descs: list[ShardDesc], problems: list[str], unsafe: list[str], prep: Any, group: Any
+    def plan(self, descs: list[ShardDesc], problems: list[str], unsafe: list[str], prep: Any, group: ProcessGroup | None
              ) -> tuple[SavePlan, Any, list[str], list[str]]:
         """Collective. Returns the plan, rank 0's ``prep`` and every rank's problems (local and global)."""
         gathered = comm.all_gather_object((digest(descs), self.key, prep, problems, unsafe), group=group)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed import ProcessGroup
 
 from megatron_core.dist_checkpointing import comm
 from megatron_core.dist_checkpointing.checksums import crc32c
@@ -67,7 +68,7 @@ class SaveJob:
     target: Path
     tmp: Path
     rank: int
-    group: Any
+    group: ProcessGroup | None
     plan: SavePlan
     tensors: list[WriteItem]
     objects: dict[str, bytes]  # relative path -> torch.save bytes (serialised at the call: a snapshot)
