@@ -378,6 +378,7 @@ PARALLEL_DIMENSIONS: tuple[ParallelDimension, ...] = (
     ParallelDimension("tensor_model_parallel_size", "tp_group", get_tensor_model_parallel_world_size),
     ParallelDimension("pipeline_model_parallel_size", "pp_group", get_pipeline_model_parallel_world_size),
     ParallelDimension("expert_model_parallel_size", "ep_group", get_expert_model_parallel_world_size),
+    ParallelDimension("context_parallel_size", "cp_group", get_context_parallel_world_size),
 )
 
 

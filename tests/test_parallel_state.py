@@ -78,11 +78,12 @@ def test_harness_reports_failing_rank(tmp_path):
 
 
 # ----------------------------------------------------------------------------- config sizes vs the groups
-def _tiny_config(tp: int = 1, pp: int = 1):
+def _tiny_config(tp: int = 1, pp: int = 1, cp: int = 1):
     from megatron_core.config import TransformerConfig
 
     return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
-                             attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+                             attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             context_parallel_size=cp)
 
 
 def _build_gpt(config) -> str:
@@ -104,6 +105,7 @@ def test_tp2_config_in_a_single_process_raises_naming_field_sizes_and_fix():
     assert "initialize_model_parallel(tensor_model_parallel_size=2" in message
     assert "or set tensor_model_parallel_size=1 in the config" in message
     assert "pipeline_model_parallel_size=2 but" in _build_gpt(_tiny_config(pp=2))
+    assert "context_parallel_size=2 but" in _build_gpt(_tiny_config(cp=2))
     assert _build_gpt(_tiny_config()) == "ok"
 
 
@@ -149,5 +151,5 @@ def test_config_disagreeing_with_a_tp2_world_or_an_explicit_group_raises(tmp_pat
 
 
 def test_unknown_group_argument_is_refused():
-    with pytest.raises(ValueError, match="cp_group"):
-        ps.check_config_parallel_sizes(_tiny_config(), {"cp_group": None})
+    with pytest.raises(ValueError, match="sp_group"):
+        ps.check_config_parallel_sizes(_tiny_config(), {"sp_group": None})

@@ -43,6 +43,8 @@ class DotProductAttention(MegatronModule):
         softmax_scale: defaults to ``config.softmax_scale`` or ``1/sqrt(kv_channels)``.
         cp_comm_type: context-parallel communication (unsupported by the local kernel; must be None).
         tp_group: tensor-parallel group (defaults to parallel_state's).
+        cp_group: context-parallel group (defaults to parallel_state's); checked against
+            ``config.context_parallel_size``.
     """
 
     supports_context_parallel = False  # ContextParallelDotProductAttention splits the sequence
@@ -57,14 +59,17 @@ class DotProductAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         tp_group: ProcessGroup | None = None,
+        *,
+        cp_group: ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config, groups={"tp_group": tp_group})
+        super().__init__(config, groups={"tp_group": tp_group, "cp_group": cp_group})
         if cp_comm_type is not None:
             raise ValueError(
                 f"cp_comm_type={cp_comm_type!r}: the local DotProductAttention has no context parallelism; "
                 "leave cp_comm_type unset or use ContextParallelDotProductAttention (the GPT/Llama local specs)"
             )
-        cp = parallel_state.get_context_parallel_world_size()
+        cp = parallel_state.group_world_size(
+            cp_group if cp_group is not None else parallel_state.get_context_parallel_group())
         if cp > 1 and not self.supports_context_parallel:
             raise ValueError(
                 f"{type(self).__name__} cannot split the sequence over context_parallel_size={cp}: this family's "

@@ -45,7 +45,7 @@ class ContextParallelDotProductAttention(DotProductAttention):
                 "('p2p'); use cp_comm_type='p2p' or None"
             )
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout, softmax_scale,
-                         None, tp_group)
+                         None, tp_group, cp_group=cp_group)
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
         self.cp_size = parallel_state.group_world_size(self.cp_group)
         if self.cp_size > 1 and attention_type != "self":
