@@ -31,6 +31,7 @@ from megatron_core.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from megatron_core.training.moe_metrics import moe_metrics, reset_moe_stats, set_aux_loss_scale
 from megatron_core.training.optimizer import (
     build_adamw,
     clip_grad_norm,
@@ -193,6 +194,8 @@ class Trainer:
         """One update from ``micro_batches``; returns (mean loss per token, gradient norm)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        reset_moe_stats(self.model)
+        set_aux_loss_scale(len(micro_batches))
         local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
         # Normalise by the global token count so accumulation and data parallelism average per token.
         total_tokens = _dp_sum(torch.as_tensor(local_tokens, dtype=torch.float64, device=self.device)).clamp(min=1)
@@ -281,7 +284,7 @@ class Trainer:
                     logger.info("iteration %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", self.iteration,
                                 s.train_iters, loss, lr, grad_norm, tokens_per_s)
                 self._log({"iteration": self.iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": tokens_per_s})
+                           "tokens_per_s": tokens_per_s, **moe_metrics(self.model)})
             if self.valid_data is not None and self._due(s.eval_interval):
                 valid = self.evaluate()
                 result.valid_losses.append((self.iteration, valid))

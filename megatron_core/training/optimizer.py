@@ -103,11 +103,20 @@ def clip_grad_norm(params: list[torch.nn.Parameter], counted: list[bool], max_no
     At TP=1 and PP=1 this is exactly ``torch.nn.utils.clip_grad_norm_``; otherwise the local norms
     of the counted gradients are summed (squared) over the model-parallel group (every TP rank of
     every pipeline stage of one replica) first, so every rank computes the same norm and applies
-    the same scale. ``max_norm <= 0`` only measures.
+    the same scale. ``max_norm <= 0`` only measures. MoE experts (``param.allreduce = False``) differ
+    across expert-parallel ranks, so their squares are summed over the expert-parallel group too.
     """
-    grads = [p.grad for p, c in zip(params, counted, strict=True) if c and p.grad is not None]
-    local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    squared = local.double() ** 2
+    device = params[0].device if params else torch.device("cpu")
+    squared = torch.zeros((), dtype=torch.float64, device=device)
+    for expert in (False, True):
+        grads = [p.grad for p, c in zip(params, counted, strict=True)
+                 if c and p.grad is not None and _is_expert(p) == expert]
+        part = torch.nn.utils.get_total_norm(grads).double() ** 2 if grads else \
+            torch.zeros((), dtype=torch.float64, device=device)
+        ep_group = parallel_state.get_expert_model_parallel_group()
+        if expert and parallel_state.group_world_size(ep_group) > 1:
+            dist.all_reduce(part, group=ep_group)
+        squared = squared + part
     group = parallel_state.get_model_parallel_group()
     if parallel_state.group_world_size(group) > 1:
         dist.all_reduce(squared, group=group)
@@ -132,14 +141,25 @@ def finalize_grads(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> 
 def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over data-parallel replicas (a no-op without data parallelism).
 
-    A sum, not a mean: each replica's loss is already divided by the global token count.
+    A sum, not a mean: each replica's loss is already divided by the global token count. MoE experts
+    (``param.allreduce = False``) are summed over the expert-data-parallel group only: the token
+    exchange has already brought every expert-parallel rank's tokens to them.
     """
     group = parallel_state.get_data_parallel_group()
     if parallel_state.group_world_size(group) == 1:
         return
+    expert_group = parallel_state.get_expert_data_parallel_group()
     for p in params:
-        if p.grad is not None:
+        if p.grad is None:
+            continue
+        if not _is_expert(p):
             dist.all_reduce(p.grad, group=group)
+        elif parallel_state.group_world_size(expert_group) > 1:
+            dist.all_reduce(p.grad, group=expert_group)
+
+
+def _is_expert(param: torch.Tensor) -> bool:
+    return getattr(param, "allreduce", True) is False
 
 
 def _init_state(optimizer: torch.optim.Optimizer) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -114,6 +115,7 @@ class ParallelSection(BaseModel):
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
 
 
 class RunConfig(BaseModel):
@@ -170,7 +172,13 @@ def build_spec(run: RunConfig) -> ModuleSpec:
     if isinstance(run.spec, dict):
         return spec_from_dict(run.spec)
     target = import_by_path(run.spec)
-    spec = target if isinstance(target, ModuleSpec) else target(**run.spec_args) if callable(target) else target
+    spec_args = dict(run.spec_args)
+    experts = run.transformer.get("num_moe_experts")
+    if experts is not None and callable(target) and "num_experts" in inspect.signature(target).parameters:
+        # MoE from the config alone (--set transformer.num_moe_experts=8): the spec gets the MoE slot too.
+        spec_args.setdefault("num_experts", experts)
+        spec_args.setdefault("moe_grouped_gemm", bool(run.transformer.get("moe_grouped_gemm", False)))
+    spec = target if isinstance(target, ModuleSpec) else target(**spec_args) if callable(target) else target
     if not isinstance(spec, ModuleSpec):
         raise SpecError(f"spec {run.spec!r} gave a {type(spec).__name__}, expected a ModuleSpec; point it at a "
                         "spec function such as specs.gpt.get_gpt_layer_local_spec")

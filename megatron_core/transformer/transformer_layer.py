@@ -71,6 +71,8 @@ class TransformerLayer(MegatronModule):
         self.cross_attn_bda = build_module(submodules.cross_attn_bda)
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, **norm_kwargs)
         self.mlp = build_module(submodules.mlp, config=config)
+        if hasattr(self.mlp, "set_layer_number"):  # MoE layers key their routing statistics by layer
+            self.mlp.set_layer_number(layer_number)
         self.mlp_bda = build_module(submodules.mlp_bda)
 
     def _bda_context(self) -> Any:
