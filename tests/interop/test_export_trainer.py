@@ -44,3 +44,30 @@ def test_trainer_checkpoint_exports_to_transformers(tmp_path):
         want = ours(tokens, torch.arange(16).expand(2, 16), None)
         got = hf.eval()(input_ids=tokens).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_plain_dist_checkpointing_save_exports_with_config(tmp_path):
+    """A checkpoint with no description (``dist_checkpointing.save`` alone) exports given the run YAML."""
+    from megatron_core import dist_checkpointing
+    from megatron_core.training.run_config import build_model
+
+    run = RunConfig.from_yaml(CONFIG)
+    torch.manual_seed(0)
+    model = build_model(run).eval()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / "ckpt"))
+    from megatron_core.interop import HFInteropError
+
+    with pytest.raises(HFInteropError, match="does not describe its model.*--config"):
+        main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--config", str(CONFIG),
+                 "--dtype", "bf16"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert hf.dtype == torch.bfloat16
+    for name, param in model.state_dict().items():
+        if name == "embedding.word_embeddings.weight":
+            assert torch.equal(hf.transformer.wte.weight, param.to(torch.bfloat16))
+    tokens = torch.randint(0, model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.to(torch.bfloat16)(tokens, torch.arange(16).expand(2, 16), None).float()
+        got = hf(input_ids=tokens).logits.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05)
