@@ -10,6 +10,9 @@ TP=1 (one process) and TP=2 (two gloo processes), in the same run and on the sam
   (no format, no checksums): about the least a durable save costs on that disk;
 * the first save of a fresh process (imports and model building not timed), reported separately;
 * load at the same TP, and resharding loads TP=2 -> TP=1 and TP=1 -> TP=2 (ours and DCP);
+* async save (TP=1, with the AdamW model being trained): the blocking time of ``async_save`` vs
+  ``torch.save`` + fsync, the time to commit vs a sync ``save``, and training steps run while a
+  background save writes vs steps without one;
 * peak extra memory during a load (VmHWM after resetting it, fresh process, glibc's mmap threshold
   fixed at 1 MiB so that freed memory is not silently reused), as a multiple of the rank's shard.
   ``torch.load`` and ours return new tensors; DCP loads in place into preallocated ones.
@@ -19,6 +22,7 @@ is the min (and median) over ``--repeats`` runs, methods interleaved, wall time 
 
     .venv/bin/python bench/checkpoint_bench.py                # ~2-3 minutes on 2 cores
     .venv/bin/python bench/checkpoint_bench.py --repeats 5 --dir /path/on/the/disk/to/measure
+    .venv/bin/python bench/checkpoint_bench.py --only-async   # just the async-save table
 """
 
 from __future__ import annotations
@@ -259,6 +263,60 @@ def fresh_memory(method: str, src_tp: int, tp: int, directory: Path) -> float:
 
 
 # ----------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------- async save
+def bench_async(root: str, repeats: int) -> dict[str, list[float]]:
+    """TP=1: async_save's blocking time and background completion, and training steps run while a
+    background save writes vs steps with no save, against torch.save + fsync and a sync save."""
+    torch.set_num_threads(os.cpu_count() or 2)
+    ps.initialize_model_parallel(1)
+    base = Path(root)
+    model = gpt2_small(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(128).expand(2, 128)
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step()  # AdamW state exists from here on (saved along)
+    local = {k: v.data for k, v in model.sharded_state_dict().items()}
+    out: dict[str, list[float]] = {k: [] for k in ("blocking", "background", "sync", "torch+fsync", "step", "step+save")}
+    for r in range(repeats):
+        out["torch+fsync"].append(timed(lambda r=r: _torch_save(local, base / f"async_torch_{r}.pt", True)))
+        out["sync"].append(timed(lambda r=r: dc.save(model.sharded_state_dict(), base / f"async_sync_{r}")))
+        t0 = time.perf_counter()
+        handle = dc.async_save(model.sharded_state_dict(), base / f"async_bg_{r}")
+        out["blocking"].append(time.perf_counter() - t0)
+        handle.wait()
+        out["background"].append(time.perf_counter() - t0)
+        out["step"] += [step() for _ in range(3)]
+        handle = dc.async_save(model.sharded_state_dict(), base / f"async_train_{r}")
+        while not handle.done():  # training goes on while the save writes
+            out["step+save"].append(step())
+        handle.wait()
+    return out
+
+
+def report_async(a: dict[str, list[float]]) -> str:
+    mean = statistics.mean
+    return "\n".join([
+        "| async save (TP=1) | seconds, min (median) | ratio | target |",
+        "|---|---|---|---|",
+        f"| blocking time of `async_save` vs `torch.save` + fsync | {_fmt(a['blocking'])} vs {_fmt(a['torch+fsync'])} "
+        f"| {_ratio(a['blocking'], a['torch+fsync'])} | <= 0.25x (goal 0.1x) |",
+        f"| call to committed (background idle) vs sync `save` | {_fmt(a['background'])} vs {_fmt(a['sync'])} "
+        f"| {_ratio(a['background'], a['sync'])} | <= 1.2x |",
+        f"| training step while a save writes vs without (mean of {len(a['step+save'])} / {len(a['step'])}) | "
+        f"{mean(a['step+save']):.3f} vs {mean(a['step']):.3f} | {mean(a['step+save']) / mean(a['step']):.2f}x | "
+        "report |",
+    ])
+
+
 def _fmt(values: list[float]) -> str:
     return f"{min(values):.3f} ({statistics.median(values):.3f})"
 
@@ -312,6 +370,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--first-save", choices=["ours", "torch", "dcp"], help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=3, metavar=("METHOD", "SRC_TP", "TP"), help=argparse.SUPPRESS)
+    parser.add_argument("--only-async", action="store_true", help="only the async-save table")
     args = parser.parse_args()
     if args.first_save:
         first_save(args.first_save, str(args.dir))
@@ -323,6 +382,10 @@ def main() -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench-", dir=args.dir))
     try:
+        async_times = run_distributed(bench_async, 1, str(root), args.repeats, tmp_dir=root, timeout=1800)[0]
+        if args.only_async:
+            print(report_async(async_times))
+            return
         first: dict[str, list[float]] = {m: [] for m in ("ours", "torch", "dcp")}
         for _ in range(args.repeats):
             for method in first:
@@ -338,6 +401,8 @@ def main() -> None:
                                           ("dcp", 1, 1))}
         quarter = bytes_read_quarter(root)
         print(report(results, first, memory, quarter, args.repeats))
+        print()
+        print(report_async(async_times))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -124,3 +124,19 @@ def test_scalar_and_empty_regions() -> None:
     assert coverage((), [()]).gaps == [] and coverage((), []).gaps == [()]
     assert coverage((), [(), ()]).overlaps == [((), (0, 1))]
     assert plan_reads((0, 0), (0, 4), [box_of((0, 0), (0, 4))]).items == []
+
+
+def test_grid_fast_path_never_hides_a_problem():
+    from megatron_core.dist_checkpointing.planner import Coverage, _is_grid_tiling
+
+    region = ((0, 8), (0, 6))
+    grid = [((r, r + 4), (c, c + 3)) for r in (0, 4) for c in (0, 3)]
+    assert _is_grid_tiling(region, grid) and coverage(region, grid) == Coverage([], [])
+    duplicated = [*grid[:3], grid[0]]  # same count of boxes, one cell twice, one missing
+    assert not _is_grid_tiling(region, duplicated)
+    cov = coverage(region, duplicated)
+    assert cov.gaps == [((4, 8), (3, 6))] and cov.overlaps == [(((0, 4), (0, 3)), (0, 3))]
+    spanning = [((0, 8), (0, 3)), ((0, 4), (3, 6)), ((4, 8), (3, 6)), ((0, 4), (0, 3))]
+    assert not _is_grid_tiling(region, spanning) and coverage(region, spanning).overlaps
+    outside = [((0, 4), (0, 3)), ((0, 4), (3, 6)), ((4, 8), (0, 3)), ((4, 9), (3, 6))]
+    assert not _is_grid_tiling(region, outside)
