@@ -70,7 +70,8 @@ def run_training(run: RunConfig) -> TrainResult:
     """Set up parallel state, build model and data from ``run``, train; tears the parallel state down."""
     parallel_state.initialize_model_parallel(run.parallel.tensor_model_parallel_size,
                                              run.parallel.pipeline_model_parallel_size,
-                                             expert_model_parallel_size=run.parallel.expert_model_parallel_size)
+                                             expert_model_parallel_size=run.parallel.expert_model_parallel_size,
+                                             context_parallel_size=run.parallel.context_parallel_size)
     try:
         # Same full weights at any TP size; each pipeline stage draws its own layers (as Megatron-LM does).
         model_parallel_manual_seed(run.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())

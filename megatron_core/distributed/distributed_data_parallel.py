@@ -152,9 +152,10 @@ def wrap_data_parallel(
     on the data-parallel group when PP = 1, else our bucketed :class:`DistributedDataParallel`
     (see the module docstring for why).
     """
-    if parallel_state.get_data_parallel_world_size() == 1:
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1:
         return module
-    group = parallel_state.get_data_parallel_group()
+    # Context-parallel ranks hold the same weights: their gradients are reduced with the data-parallel ones.
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return torch.nn.parallel.DistributedDataParallel(
             module, process_group=group, forward_sync_buffers=False, bucket_cap_mb=bucket_size * 4 / 2**20,

@@ -42,6 +42,7 @@ from megatron_core.training.pipeline import PipelineRunner
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
 from megatron_core.training.steps import Batch, ForwardStep, language_model_step
+from megatron_core.transformer.context_parallel import get_batch_on_this_cp_rank
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def _is_rank0() -> bool:
 
 
 def _dp_sum(values: torch.Tensor) -> torch.Tensor:
-    group = parallel_state.get_data_parallel_group()
+    # Context-parallel ranks hold other tokens of the same samples: token counts and loss sums add up over them too.
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if parallel_state.group_world_size(group) > 1:
         dist.all_reduce(values, group=group)
     return values
@@ -122,6 +124,12 @@ class Trainer:
         """AdamW; with ``settings.zero`` and data parallelism, ZeRO-1 (state split over the DP ranks)."""
         s = self.settings
         betas = (s.adam_beta1, s.adam_beta2)
+        cp = parallel_state.get_context_parallel_world_size()
+        if s.zero and cp > 1:
+            raise ValueError(
+                f"training.zero=true with context_parallel_size={cp}: the ZeRO-1 optimizer shards over data-parallel "
+                "ranks only and does not yet include the context-parallel ones. Fix: training.zero=false under CP"
+            )
         if s.zero and self.dp_size > 1:
             return DistributedOptimizer(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
         if s.zero:
@@ -187,6 +195,13 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16)
 
+    @staticmethod
+    def _cp_split(batch: Batch) -> Batch:
+        """This context-parallel rank's chunks of every ``[b, s]`` entry (the batch itself at CP=1)."""
+        if parallel_state.get_context_parallel_world_size() == 1:
+            return batch
+        return {k: v for k, v in get_batch_on_this_cp_rank(dict(batch)).items() if v is not None}
+
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -194,6 +209,7 @@ class Trainer:
         """One update from ``micro_batches``; returns (mean loss per token, gradient norm)."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = [self._cp_split(mb) for mb in micro_batches]
         reset_moe_stats(self.model)
         set_aux_loss_scale(len(micro_batches))
         local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
@@ -224,12 +240,13 @@ class Trainer:
         batches = MicroBatchIterator(self.valid_data, self.settings.micro_batch_size, dp_rank=self.dp_rank,
                                      dp_size=self.dp_size, shuffle=False)
         if self.pipeline is not None:
-            totals = self.pipeline.run([self._to_device(next(batches)) for _ in range(self.settings.eval_iters)])
+            totals = self.pipeline.run([self._to_device(self._cp_split(next(batches)))
+                                        for _ in range(self.settings.eval_iters)])
         else:
             totals = torch.zeros(2, dtype=torch.float64, device=self.device)
             for _ in range(self.settings.eval_iters):
                 with self._autocast():
-                    summed, count = self.forward_step(self.model, self._to_device(next(batches)))
+                    summed, count = self.forward_step(self.model, self._to_device(self._cp_split(next(batches))))
                 totals += torch.stack([summed.double(), count.double()])
         _dp_sum(totals)
         self.model.train()

@@ -143,9 +143,10 @@ def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
 
     A sum, not a mean: each replica's loss is already divided by the global token count. MoE experts
     (``param.allreduce = False``) are summed over the expert-data-parallel group only: the token
-    exchange has already brought every expert-parallel rank's tokens to them.
+    exchange has already brought every expert-parallel rank's tokens to them. Context-parallel ranks
+    hold the same weights and other tokens, so dense gradients are summed over data x context ranks.
     """
-    group = parallel_state.get_data_parallel_group()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if parallel_state.group_world_size(group) == 1:
         return
     expert_group = parallel_state.get_expert_data_parallel_group()

@@ -59,7 +59,8 @@ class PipelineRunner:
         # Our bucketed DDP when DP > 1 (torch's cannot follow 1F1B's backward order); the model itself at DP = 1.
         self.stage = wrap_data_parallel(model)
         self.dtype = pipeline_dtype(model)
-        self.dp_size = parallel_state.get_data_parallel_world_size()
+        # The DDP wrapper averages over data x context parallel ranks (each CP rank holds other tokens).
+        self.dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
     def _forward_step_func(self, stats: list[torch.Tensor], total_tokens: torch.Tensor | None,
                            num_microbatches: int) -> Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Any]]:

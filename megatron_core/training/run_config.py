@@ -116,6 +116,7 @@ class ParallelSection(BaseModel):
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1  # the sequence split over this many ranks (ring attention)
 
 
 class RunConfig(BaseModel):
@@ -306,7 +307,8 @@ def model_from_checkpoint(path: str | Path) -> LoadedRun:
     run = RunConfig.model_validate(common["run_config"])
     run = run.model_copy(update={"parallel": ParallelSection(
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size())})
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size())})
     model = build_model(run)
     load_model(checkpoint, model)
     model.eval()
