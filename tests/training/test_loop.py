@@ -120,7 +120,7 @@ def _compare(iters: int, accum: int, bf16: bool, loss_tol: float, param_tol: flo
         torch.testing.assert_close(p, ref_params[name], atol=param_tol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     # The run must have moved every tensor, by more than the tolerance.
     start = _model()
-    moved = {n: float((p - q).abs().max()) for (n, p), q in zip(trained.named_parameters(), start.parameters(),
+    moved = {n: float((p - q).detach().abs().max()) for (n, p), q in zip(trained.named_parameters(), start.parameters(),
                                                                 strict=True)}
     assert min(moved.values()) > 10 * param_tol, moved
 
