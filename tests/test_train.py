@@ -10,7 +10,7 @@ from megatron_core.train import main
 from megatron_core.training import latest_checkpoint
 from megatron_core.training.run_config import RunConfig, build_spec
 
-CONFIG = Path(__file__).resolve().parents[2] / "examples" / "alphabet_gpt.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "alphabet_gpt.yaml"
 
 
 def _args(tmp_path, iters):

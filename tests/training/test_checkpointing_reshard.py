@@ -19,7 +19,7 @@ from megatron_core.distributed import unwrap_model, wrap_data_parallel
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
-from tests.distributed.gpt_harness import (
+from tests.models.gpt_harness import (
     LR,
     build_gpt,
     full_weights,

@@ -12,7 +12,7 @@ import torch
 from megatron_core import TransformerConfig
 from megatron_core import parallel_state as ps
 from megatron_core.testing import run_distributed
-from tests.distributed.gpt_harness import (
+from tests.models.gpt_harness import (
     LAYERS,
     assemble,
     evaluate,
