@@ -14,6 +14,7 @@ without pre-softmax (softmax over the top-k logits) computes the same weights. T
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from megatron_core.config import TransformerConfig
@@ -99,9 +100,34 @@ class MoEFamilyMixin:
             (cfg.layernorm_position == "pre" and not cfg.layernorm_zero_centered_gamma, "post-norm / zero-centred"),
         ]
 
+    #: How ``save_pretrained`` lays the experts out on disk (transformers 5 stacks them only in memory):
+    #: the layer's MoE prefix and each expert's gate, up and down projection names.
+    FILE_EXPERTS: ClassVar[tuple[str, str, str, str]] = ("mlp.", "gate_proj", "up_proj", "down_proj")
+    _file_layout: bool = False
+
+    def file_key_table(self, blueprint: Blueprint) -> KeyTable:
+        """The key table of the files: one ``experts.{e}.<gate/up/down>.weight`` per expert (see ``FILE_EXPERTS``).
+
+        Used by ``import-hf`` / ``export-hf`` (``interop.hf_dir.file_key_table``).
+        """
+        twin = copy.copy(self)
+        twin._file_layout = True
+        return twin.key_table(blueprint)  # type: ignore[attr-defined]
+
     def moe_rules(self) -> list[KeyRule | Alias]:
-        """Router and stacked experts of one layer."""
-        ours, hf = self.OURS_LAYER + "mlp.", self.HF_LAYER + "mlp."
+        """Router and experts of one layer (stacked in memory, one per expert in files)."""
+        ours = self.OURS_LAYER + "mlp."
+        if self._file_layout:
+            prefix, gate, up, down = self.FILE_EXPERTS
+            hf = self.HF_LAYER + prefix
+            expert = hf + "experts.{expert}."
+            return [
+                KeyRule(ours + "router.weight", hf + "gate.weight"),
+                KeyRule(ours + "experts.local_experts.{expert}.linear_fc1.weight",
+                        (expert + gate + ".weight", expert + up + ".weight"), *GATED_FC1),
+                KeyRule(ours + "experts.local_experts.{expert}.linear_fc2.weight", expert + down + ".weight"),
+            ]
+        hf = self.HF_LAYER + "mlp."
         return [
             KeyRule(ours + "router.weight", hf + "gate.weight"),
             KeyRule(ours + "experts.local_experts.{expert}.linear_fc1.weight", hf + "experts.gate_up_proj",
@@ -116,6 +142,7 @@ class MixtralFamily(MoEFamilyMixin, LlamaFamily):
 
     model_type = "mixtral"
     hf_model_classes = ("MixtralForCausalLM",)
+    FILE_EXPERTS = ("block_sparse_moe.", "w1", "w3", "w2")
     spec_factory = "specs.mixtral:get_mixtral_layer_local_spec"
 
     def blueprint_from_hf(self, hf_config: Any) -> Blueprint:
@@ -159,26 +186,4 @@ class MixtralFamily(MoEFamilyMixin, LlamaFamily):
         cfg = blueprint.config
         assert cfg.num_moe_experts is not None
         return {"layer": cfg.num_layers, "p": ("weight",), "expert": cfg.num_moe_experts}
-
-    def file_key_table(self, blueprint: Blueprint) -> KeyTable:
-        """The key table of Mixtral's files: transformers 5 stacks the experts in memory
-        (``experts.gate_up_proj``) but ``save_pretrained`` writes the hub layout, one
-        ``block_sparse_moe.experts.{e}.w1/w2/w3`` per expert (w1 gate, w3 up, w2 down). Used by
-        ``import-hf`` / ``export-hf`` (``interop.hf_dir.file_key_table``)."""
-        return _MixtralFileLayout().key_table(blueprint)
-
-
-class _MixtralFileLayout(MixtralFamily):
-    """Mixtral with the expert layout ``save_pretrained`` writes to disk (see ``file_key_table``)."""
-
-    def mlp_rules(self, blueprint: Blueprint) -> list[KeyRule | Alias]:
-        del blueprint
-        ours, hf = self.OURS_LAYER + "mlp.", self.HF_LAYER + "block_sparse_moe."
-        expert = hf + "experts.{expert}."
-        return [
-            KeyRule(ours + "router.weight", hf + "gate.weight"),
-            KeyRule(ours + "experts.local_experts.{expert}.linear_fc1.weight", (expert + "w1.weight", expert + "w3.weight"),
-                    *GATED_FC1),
-            KeyRule(ours + "experts.local_experts.{expert}.linear_fc2.weight", expert + "w2.weight"),
-        ]
 
