@@ -82,6 +82,9 @@ class TransformerConfig(BaseModel):
     use_scaled_init_method: bool = True
     perform_initialization: bool = True
     bias_dropout_fusion: bool = False
+    # Megatron-Core's name; on by default here: with labels, the output layer and the loss run in
+    # chunks of tokens (tensor_parallel.linear_cross_entropy), never holding the [tokens, vocab] logits.
+    cross_entropy_loss_fusion: bool = True
     apply_residual_connection_post_layernorm: bool = False
     use_te_activation_func: bool = False
 

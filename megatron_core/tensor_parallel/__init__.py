@@ -10,6 +10,7 @@ from megatron_core.tensor_parallel.layers import (
     set_defaults_if_not_set_tensor_model_parallel_attributes,
     set_tensor_model_parallel_attributes,
 )
+from megatron_core.tensor_parallel.linear_cross_entropy import linear_cross_entropy
 from megatron_core.tensor_parallel.mappings import (
     all_gather_last_dim_from_tensor_parallel_region,
     copy_to_tensor_model_parallel_region,
@@ -53,6 +54,7 @@ __all__ = [
     "ensure_divisibility",
     "gather_from_sequence_parallel_region",
     "gather_from_tensor_model_parallel_region",
+    "linear_cross_entropy",
     "param_is_not_tensor_parallel_duplicate",
     "reduce_from_tensor_model_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",

@@ -24,6 +24,7 @@ from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
 from megatron_core.module import MegatronModule, make_sharded_tensors_for_checkpoint
+from megatron_core.tensor_parallel.linear_cross_entropy import linear_cross_entropy
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -188,6 +189,18 @@ class ColumnParallelLinear(MegatronModule):
         Returns:
             ``(output, bias)``: output ``[s, b, out/tp]`` (``[s, b, out]`` when gathered).
         """
+        weight = self._weight_for(weight)
+        input_parallel = self._input_parallel(input_)
+        bias = self.bias if not self.skip_bias_add else None
+        output_parallel = F.linear(input_parallel, weight, bias)  # [s, b, out/tp]
+
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        output = gather_from_tensor_model_parallel_region(output_parallel, self.tp_group) if gather \
+            else output_parallel  # [s, b, out]
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def _weight_for(self, weight: torch.Tensor | None) -> torch.Tensor:
+        """The weight to apply: ``weight`` (checked) when given, else the layer's own."""
         if weight is None:
             if self.weight is None:
                 raise TensorParallelError(
@@ -200,21 +213,47 @@ class ColumnParallelLinear(MegatronModule):
                 f"ColumnParallelLinear: weight passed to forward has shape {tuple(weight.shape)}, expected "
                 f"({self.output_size_per_partition}, {self.input_size}) = [output_size/tp, input_size]"
             )
+        return weight
 
+    def _input_parallel(self, input_: torch.Tensor) -> torch.Tensor:
+        """The input every TP rank multiplies: gathered over the sequence with SP; the backward reduces."""
         if self.sequence_parallel:
-            input_parallel = gather_from_sequence_parallel_region(input_, True, self.tp_group)  # [s/tp,b,h]->[s,b,h]
-        elif self.disable_grad_reduce:
-            input_parallel = input_
-        else:
-            input_parallel = copy_to_tensor_model_parallel_region(input_, self.tp_group)
+            return gather_from_sequence_parallel_region(input_, True, self.tp_group)  # [s/tp,b,h]->[s,b,h]
+        if self.disable_grad_reduce:
+            return input_
+        return copy_to_tensor_model_parallel_region(input_, self.tp_group)
 
-        bias = self.bias if not self.skip_bias_add else None
-        output_parallel = F.linear(input_parallel, weight, bias)  # [s, b, out/tp]
+    def cross_entropy(
+        self,
+        input_: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *,
+        label_smoothing: float = 0.0,
+        chunk_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Per-token loss of this layer's (vocab-parallel) logits, never holding them whole.
 
-        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
-        output = gather_from_tensor_model_parallel_region(output_parallel, self.tp_group) if gather \
-            else output_parallel  # [s, b, out]
-        return output, (self.bias if self.skip_bias_add else None)
+        Same result as ``vocab_parallel_cross_entropy(self(input_, weight)[0].float(), target)``, computed
+        in chunks of tokens by :func:`linear_cross_entropy` (the output layer of a language model).
+
+        Args:
+            input_: ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism).
+            target: ``[s, b]`` global token ids.
+            weight: as in :meth:`forward` (a tied output layer's weight).
+            label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+            chunk_tokens: tokens per chunk (default: about 8M logits per chunk).
+
+        Returns:
+            ``[s, b]`` fp32 loss per token.
+        """
+        if self.skip_bias_add and self.bias is not None:
+            raise TensorParallelError("ColumnParallelLinear.cross_entropy: skip_bias_add=True has no loss meaning; "
+                                      "build the output layer with skip_bias_add=False")
+        return linear_cross_entropy(
+            self._input_parallel(input_), self._weight_for(weight), target, self.bias,
+            label_smoothing=label_smoothing, chunk_tokens=chunk_tokens, group=self.tp_group,
+        )
 
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple[RankOffset, ...] = (), metadata: dict[str, Any] | None = None

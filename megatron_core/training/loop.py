@@ -31,6 +31,7 @@ from megatron_core.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from megatron_core.training.compile import compile_layers
 from megatron_core.training.moe_metrics import moe_metrics, reset_moe_stats, set_aux_loss_scale
 from megatron_core.training.optimizer import (
     build_adamw,
@@ -103,6 +104,8 @@ class Trainer:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.model = model.to(self.device)
+        if settings.compile:
+            compile_layers(self.model, backend=settings.compile_backend)
         self.train_data, self.valid_data = train_data, valid_data
         self.forward_step = forward_step
         self.checkpoint_extra = checkpoint_extra or {}
@@ -293,6 +296,9 @@ class Trainer:
             self.consumed_samples = batches.consumed_samples
             tokens = sum(mb["tokens"].numel() for mb in micro_batches) * self.dp_size
             tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+            if s.compile and len(result.losses) == 0 and _is_rank0():
+                logger.info("compile: first update took %.1f s (torch.compile of the layers included)",
+                            time.perf_counter() - start)
             result.losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")

@@ -28,6 +28,8 @@ class TrainingSettings(BaseModel):
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # <= 0 disables clipping (the norm is still reported)
     bf16: bool = False  # torch.autocast(bfloat16) around forward passes; weights stay in params_dtype
+    compile: bool = False  # regional torch.compile of every TransformerLayer (training.compile.compile_layers)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation, for debugging)
     zero: bool = False  # ZeRO-1: AdamW's state split over data-parallel ranks (optimizer.DistributedOptimizer)
     seed: int = 1234
     eval_interval: int = 0  # 0: evaluate only at the end (when there is validation data)

@@ -41,6 +41,14 @@ class LanguageModule(MegatronModule):
         loss = vocab_parallel_cross_entropy(logits if use_fp16 else logits.float(), labels)
         return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
 
+    def fused_loss_applies(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the loss runs fused with the output layer (``config.cross_entropy_loss_fusion``).
+
+        Not with ``fp16_lm_cross_entropy`` on fp16 activations (that path keeps fp16 logits).
+        """
+        fp16_loss = getattr(self, "fp16_lm_cross_entropy", False) and hidden_states.dtype == torch.float16
+        return bool(self.config.cross_entropy_loss_fusion) and not fp16_loss
+
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         """The word-embedding table on the first stage, the output layer's weight on the last."""
         if self.pre_process:

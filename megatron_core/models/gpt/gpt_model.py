@@ -200,6 +200,9 @@ class GPTModel(LanguageModule):
         if not self.post_process:
             return hidden_states
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        if labels is not None and self.fused_loss_applies(hidden_states):
+            loss = self.output_layer.cross_entropy(hidden_states, labels.transpose(0, 1), weight)  # [s, b]
+            return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
         logits, _ = self.output_layer(hidden_states, weight=weight)  # [s, b, vocab/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v]

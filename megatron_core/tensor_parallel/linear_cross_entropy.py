@@ -1,0 +1,254 @@
+"""Output layer + cross entropy fused over chunks of tokens: the ``[tokens, vocab]`` logits never exist whole.
+
+``linear_cross_entropy(hidden, weight, bias, target)`` equals
+``vocab_parallel_cross_entropy(F.linear(hidden, weight, bias).float(), target)`` (per-token fp32
+loss, vocabulary split over tensor-parallel ranks: each rank holds ``weight`` rows of its vocab slice,
+three small all-reduces per chunk give the exact log-partition).
+
+How the memory stays small: the forward walks the tokens ``chunk_tokens`` at a time, computes the
+chunk's logits ``[c, vocab/tp]``, its loss, and, when gradients are wanted, its logit gradient
+``softmax - one_hot`` in the same buffer; it then folds that into the input gradient (``G @ W``,
+``[c, h]``) and the weight gradient (``G^T @ H``, accumulated into one ``[vocab/tp, h]`` fp32 buffer:
+the size of the weight gradient any method produces) and drops the chunk. So the forward does the
+three matmuls of the output layer and the backward none, as long as every token's incoming gradient
+is the same number (``loss.mean()``, or a masked mean where the kept tokens share one weight): the
+backward scales the input-gradient rows by their token's gradient and the weight gradient by the
+common one. Tokens whose gradient differs from the most frequent value (e.g. loss-masked tokens)
+are corrected exactly by recomputing only their logits. The backward may run once (no
+``retain_graph`` double backward).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from megatron_core import parallel_state
+from megatron_core.tensor_parallel.utils import VocabUtility
+
+#: Default chunk: about this many fp32 logits ([chunk, vocab/tp]) at a time (16 MiB; two such
+#: buffers live at once, so at GPT-2 small shapes, 1024 tokens, the loss holds ~1/6 of the logits).
+CHUNK_LOGITS = 4 * 1024 * 1024
+
+
+def default_chunk_tokens(vocab_per_rank: int) -> int:
+    """Tokens per chunk so that one chunk of logits holds about :data:`CHUNK_LOGITS` values."""
+    return max(16, CHUNK_LOGITS // max(1, vocab_per_rank))
+
+
+def _all_reduce(t: torch.Tensor, group: ProcessGroup | None, op: Any = dist.ReduceOp.SUM) -> None:
+    if parallel_state.group_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+
+
+class _Targets:
+    """Where each token's target lives in this rank's vocabulary slice."""
+
+    def __init__(self, target: torch.Tensor, ignore_index: int, first: int, last: int) -> None:
+        self.ignored = target == ignore_index
+        self.not_mine = (target < first) | (target >= last)  # includes ignored targets
+        self.local = (target - first).masked_fill(self.not_mine, 0)
+
+
+def _logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.dtype]:
+    """fp32 logits ``[c, V/tp]`` and the dtype the matmul ran in (bf16 under autocast or bf16 weights).
+
+    ``dtype`` forces the matmul's dtype (the backward runs outside the forward's autocast).
+    """
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    logits = F.linear(hidden, weight, bias)
+    return logits.float(), logits.dtype
+
+
+def _loss_and_softmax_(
+    logits: torch.Tensor, tg: _Targets, rows: slice, smoothing: float, vocab: int, group: ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss, log-partition ``lse`` over the whole (all ranks') vocabulary, and the softmax
+    (computed in place of ``logits``: one ``[c, V/tp]`` buffer, the same arithmetic as the unfused loss)."""
+    local, not_mine = tg.local[rows], tg.not_mine[rows]
+    logits_max = logits.max(dim=-1).values  # [c]
+    _all_reduce(logits_max, group, dist.ReduceOp.MAX)
+    shifted = logits.sub_(logits_max.unsqueeze(-1))  # [c, V/tp], max-subtracted for stability
+    predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(not_mine, 0.0)
+    _all_reduce(predicted, group)
+    if smoothing > 0.0:
+        sum_logits = shifted.sum(dim=-1)
+        _all_reduce(sum_logits, group)
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1)
+    _all_reduce(sum_exp, group)
+    log_z = sum_exp.log()
+    loss = log_z - predicted  # -log p(target)
+    if smoothing > 0.0:
+        # PyTorch's definition: target distribution (1 - eps) one-hot + eps / V uniform.
+        loss = (1.0 - smoothing) * loss + smoothing * (log_z - sum_logits / vocab)
+    softmax = exp.div_(sum_exp.unsqueeze(-1))
+    return loss.masked_fill_(tg.ignored[rows], 0.0), log_z.add_(logits_max), softmax
+
+
+def _minus_target_(
+    softmax: torch.Tensor, tg: _Targets, rows: slice | torch.Tensor, smoothing: float, vocab: int
+) -> torch.Tensor:
+    """``softmax - target distribution`` in place: the logit gradient (rows of ignored tokens zero)."""
+    grad = softmax.sub_(smoothing / vocab) if smoothing > 0.0 else softmax
+    hit = (~tg.not_mine[rows]).to(grad.dtype) * (1.0 - smoothing)
+    grad.scatter_add_(-1, tg.local[rows].unsqueeze(-1), -hit.unsqueeze(-1))
+    return grad.masked_fill_(tg.ignored[rows].unsqueeze(-1), 0.0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        smoothing: float,
+        ignore_index: int,
+        chunk: int,
+        group: ProcessGroup | None,
+    ) -> torch.Tensor:
+        rank, world = parallel_state.group_rank(group), parallel_state.group_world_size(group)
+        vocab = weight.shape[0] * world
+        tg = _Targets(target, ignore_index, *VocabUtility.vocab_range_from_per_partition_vocab_size(
+            weight.shape[0], rank, world))
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        n = hidden.shape[0]
+        loss, lse = hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        eager = None  # fold gradients in the forward: only when the matmuls run in fp32 (else see backward)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            logits, ctx.compute_dtype = _logits(hidden[rows], weight, bias)  # [c, V/tp]
+            eager = ctx.compute_dtype == torch.float32 and (need_h or need_w or need_b)
+            loss[rows], lse[rows], softmax = _loss_and_softmax_(logits, tg, rows, smoothing, vocab, group)
+            del logits  # the softmax took its buffer
+            if eager:
+                grad = _minus_target_(softmax, tg, rows, smoothing, vocab)
+                part = _fold(grad, hidden[rows], weight, ctx.compute_dtype, need_h, grad_w, grad_b)
+                if grad_h is not None and part is not None:
+                    grad_h[rows] = part
+                del grad
+            del softmax  # before the next chunk's logits exist
+        ctx.save_for_backward(hidden, weight, bias, lse)
+        ctx.tg, ctx.smoothing, ctx.vocab, ctx.chunk, ctx.eager = tg, smoothing, vocab, chunk, bool(eager)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward ran twice; its gradient buffers are used up")
+        hidden, weight, bias, lse = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        tg: _Targets = ctx.tg
+        g = grad_loss.float().masked_fill(tg.ignored, 0.0)  # [n]
+        valid = ~tg.ignored
+        if ctx.eager:
+            # Folded in the forward with gradient 1 per token: scale the input-gradient rows by their
+            # token's gradient, the weight gradient by the most frequent one, then correct the others.
+            if grad_h is not None:
+                grad_h.mul_(g.unsqueeze(-1))
+            values, counts = torch.unique(g[valid], return_counts=True)
+            common = values[counts.argmax()] if values.numel() else g.new_zeros(())
+            for buf in (grad_w, grad_b):
+                if buf is not None:
+                    buf.mul_(common)
+            _recompute(ctx, (valid & (g != common)).nonzero().squeeze(-1), g - common, hidden, weight, bias, lse,
+                       None, grad_w, grad_b)
+        else:
+            # Low precision: the unfused arithmetic chunk by chunk (gradient scaled before the bf16 matmuls).
+            _recompute(ctx, valid.nonzero().squeeze(-1), g, hidden, weight, bias, lse, grad_h, grad_w, grad_b)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(weight.dtype),
+            None, None, None, None, None,
+        )
+
+
+def _fold(
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, need_h: bool,
+    grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Add one chunk's logit gradient ``[c, V/tp]`` to the weight and bias gradients; return its input gradient."""
+    low = grad.to(dtype)
+    if grad_w is not None:
+        if dtype == torch.float32:
+            grad_w.addmm_(low.t(), hidden.float())  # [V/tp, c] @ [c, h]
+        else:
+            grad_w.add_(low.t() @ hidden.to(dtype))
+    if grad_b is not None:
+        grad_b.add_(low.sum(dim=0))
+    return low @ weight.to(dtype) if need_h else None  # [c, V/tp] @ [V/tp, h] -> [c, h]
+
+
+def _recompute(
+    ctx: Any, rows: torch.Tensor, scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> None:
+    """Add ``scale_t * dlogits_t`` of the tokens ``rows`` to the gradients (their logits recomputed)."""
+    for start in range(0, rows.numel(), ctx.chunk):
+        idx = rows[start:start + ctx.chunk]
+        logits, dtype = _logits(hidden[idx], weight, bias, ctx.compute_dtype)
+        grad = _minus_target_(logits.sub_(lse[idx].unsqueeze(-1)).exp_(), ctx.tg, idx, ctx.smoothing, ctx.vocab)
+        grad.mul_(scale[idx].unsqueeze(-1))
+        part = _fold(grad, hidden[idx], weight, dtype, grad_h is not None, grad_w, grad_b)
+        if grad_h is not None and part is not None:
+            grad_h[idx] = part.float()
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    chunk_tokens: int | None = None,
+    group: ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Per-token cross entropy of ``hidden @ weight.T + bias`` without holding the whole logits.
+
+    Args:
+        hidden: ``[..., h]`` inputs of the output layer, the same on every TP rank (gather first
+            with sequence parallelism; the caller's TP mapping reduces the input gradient).
+        weight: ``[vocab/tp, h]`` this rank's rows of the output layer (rank order).
+        target: ``[...]`` global token ids.
+        bias: ``[vocab/tp]`` or None.
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        ignore_index: targets with this id get loss 0 and no gradient.
+        chunk_tokens: tokens per chunk (default :func:`default_chunk_tokens`).
+        group: tensor-parallel group; None for ``parallel_state``'s.
+
+    Returns:
+        ``[...]`` fp32 loss per token (shaped like ``target``).
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 1); use e.g. 0.0 or 0.1")
+    if hidden.shape[:-1] != target.shape:
+        raise ValueError(
+            f"linear_cross_entropy: hidden shape {tuple(hidden.shape)} does not match target shape "
+            f"{tuple(target.shape)}; hidden must be target's shape plus the hidden dimension"
+        )
+    group = parallel_state.get_tensor_model_parallel_group() if group is None else group
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [n, h]
+    loss = _LinearCrossEntropy.apply(flat, weight, bias, target.reshape(-1), label_smoothing, ignore_index,
+                                     chunk, group)
+    return loss.view(target.shape)
