@@ -23,6 +23,17 @@ def _all_reduce(t: torch.Tensor, group: ProcessGroup | None, op: Any = dist.Redu
         dist.all_reduce(t, op=op, group=group)
 
 
+def check_loss_inputs(fn: str, what: str, scores: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> None:
+    """Raise ValueError unless ``scores`` is ``target``'s shape plus one dimension and smoothing is in [0, 1)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 1); use e.g. 0.0 or 0.1")
+    if scores.shape[:-1] != target.shape:
+        raise ValueError(
+            f"{fn}: {what} shape {tuple(scores.shape)} does not match target shape {tuple(target.shape)}; "
+            f"{what} must be target's shape plus one last dimension"
+        )
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -101,12 +112,6 @@ def vocab_parallel_cross_entropy(
     Returns:
         ``[...]`` fp32 loss per token (shaped like ``target``).
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 1); use e.g. 0.0 or 0.1")
-    if vocab_parallel_logits.shape[:-1] != target.shape:
-        raise ValueError(
-            f"vocab_parallel_cross_entropy: logits shape {tuple(vocab_parallel_logits.shape)} does not match "
-            f"target shape {tuple(target.shape)}; logits must be target's shape plus a vocab dimension"
-        )
+    check_loss_inputs("vocab_parallel_cross_entropy", "logits", vocab_parallel_logits, target, label_smoothing)
     group = parallel_state.get_tensor_model_parallel_group() if group is None else group
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, ignore_index, group)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
+from megatron_core.tensor_parallel.cross_entropy import _all_reduce, check_loss_inputs
 from megatron_core.tensor_parallel.utils import VocabUtility
 
 #: Default chunk: about this many fp32 logits ([chunk, vocab/tp]) at a time (16 MiB; two such
@@ -38,11 +39,6 @@ CHUNK_LOGITS = 4 * 1024 * 1024
 def default_chunk_tokens(vocab_per_rank: int) -> int:
     """Tokens per chunk so that one chunk of logits holds about :data:`CHUNK_LOGITS` values."""
     return max(16, CHUNK_LOGITS // max(1, vocab_per_rank))
-
-
-def _all_reduce(t: torch.Tensor, group: ProcessGroup | None, op: Any = dist.ReduceOp.SUM) -> None:
-    if parallel_state.group_world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
 
 
 class _Targets:
@@ -239,13 +235,7 @@ def linear_cross_entropy(
     Returns:
         ``[...]`` fp32 loss per token (shaped like ``target``).
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 1); use e.g. 0.0 or 0.1")
-    if hidden.shape[:-1] != target.shape:
-        raise ValueError(
-            f"linear_cross_entropy: hidden shape {tuple(hidden.shape)} does not match target shape "
-            f"{tuple(target.shape)}; hidden must be target's shape plus the hidden dimension"
-        )
+    check_loss_inputs("linear_cross_entropy", "hidden", hidden, target, label_smoothing)
     group = parallel_state.get_tensor_model_parallel_group() if group is None else group
     chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])  # [n, h]
