@@ -34,6 +34,55 @@ def check_loss_inputs(fn: str, what: str, scores: torch.Tensor, target: torch.Te
         )
 
 
+class TargetSlice:
+    """Where each token's target lives in this rank's vocabulary slice."""
+
+    def __init__(self, target: torch.Tensor, ignore_index: int, first: int, last: int) -> None:
+        self.ignored = target == ignore_index
+        self.not_mine = (target < first) | (target >= last)  # includes ignored targets
+        self.local = (target - first).masked_fill(self.not_mine, 0)
+
+
+def loss_and_softmax_(
+    logits: torch.Tensor, tg: TargetSlice, rows: slice, smoothing: float, vocab: int, group: ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss, log-partition ``lse`` over the whole (all ranks') vocabulary, and the softmax.
+
+    ``logits`` ``[..., V/tp]`` (fp32, owned by the caller: overwritten) becomes the softmax; ``rows``
+    picks the tokens of ``tg`` they belong to (``slice(None)``: all). Shared by
+    :func:`vocab_parallel_cross_entropy` and the chunked ``linear_cross_entropy``.
+    """
+    local, not_mine = tg.local[rows], tg.not_mine[rows]
+    logits_max = logits.max(dim=-1).values  # [c]
+    _all_reduce(logits_max, group, dist.ReduceOp.MAX)
+    shifted = logits.sub_(logits_max.unsqueeze(-1))  # [c, V/tp], max-subtracted for stability
+    predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(not_mine, 0.0)
+    _all_reduce(predicted, group)
+    if smoothing > 0.0:
+        sum_logits = shifted.sum(dim=-1)
+        _all_reduce(sum_logits, group)
+    exp = shifted.exp_()
+    sum_exp = exp.sum(dim=-1)
+    _all_reduce(sum_exp, group)
+    log_z = sum_exp.log()
+    loss = log_z - predicted  # -log p(target)
+    if smoothing > 0.0:
+        # PyTorch's definition: target distribution (1 - eps) one-hot + eps / V uniform.
+        loss = (1.0 - smoothing) * loss + smoothing * (log_z - sum_logits / vocab)
+    softmax = exp.div_(sum_exp.unsqueeze(-1))
+    return loss.masked_fill_(tg.ignored[rows], 0.0), log_z.add_(logits_max), softmax
+
+
+def softmax_minus_target_(
+    softmax: torch.Tensor, tg: TargetSlice, rows: slice | torch.Tensor, smoothing: float, vocab: int
+) -> torch.Tensor:
+    """``softmax - target distribution`` in place: the logit gradient (rows of ignored tokens zero)."""
+    grad = softmax.sub_(smoothing / vocab) if smoothing > 0.0 else softmax
+    hit = (~tg.not_mine[rows]).to(grad.dtype) * (1.0 - smoothing)
+    grad.scatter_add_(-1, tg.local[rows].unsqueeze(-1), -hit.unsqueeze(-1))
+    return grad.masked_fill_(tg.ignored[rows].unsqueeze(-1), 0.0)
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -47,49 +96,22 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank, world = parallel_state.group_rank(group), parallel_state.group_world_size(group)
         partition_vocab = logits.size(-1)
         vocab_size = partition_vocab * world
-        first, last = VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, world)
-
-        # fp32 throughout: exp/log of bf16 logits lose too much; the result is fp32.
-        logits32 = logits.float()
-        logits_max = logits32.max(dim=-1).values  # [...]
-        _all_reduce(logits_max, group, dist.ReduceOp.MAX)
-        shifted = logits32 - logits_max.unsqueeze(-1)  # [..., V/tp], max-subtracted for stability
-
-        ignored = target == ignore_index
-        not_mine = (target < first) | (target >= last)  # includes ignored targets
-        local_target = (target - first).masked_fill(not_mine, 0)
-        predicted = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(not_mine, 0.0)
-        _all_reduce(predicted, group)
-
-        exp_logits = shifted.exp()
-        sum_exp = exp_logits.sum(dim=-1)
-        _all_reduce(sum_exp, group)
-        log_z = sum_exp.log()
-        loss = log_z - predicted  # -log p(target)
-
-        if label_smoothing > 0.0:
-            # PyTorch's definition: target distribution (1 - eps) one-hot + eps / V uniform.
-            sum_logits = shifted.sum(dim=-1)
-            _all_reduce(sum_logits, group)
-            smooth_loss = log_z - sum_logits / vocab_size  # mean over the vocab of -log p
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth_loss
-        loss = loss.masked_fill(ignored, 0.0)
-
-        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))  # [..., V/tp], reuses the exp buffer
-        ctx.save_for_backward(softmax, not_mine, local_target, ignored)
-        ctx.label_smoothing, ctx.vocab_size, ctx.logits_dtype = label_smoothing, vocab_size, logits.dtype
+        tg = TargetSlice(target, ignore_index,
+                         *VocabUtility.vocab_range_from_per_partition_vocab_size(partition_vocab, rank, world))
+        # fp32 throughout: exp/log of bf16 logits lose too much; the result is fp32. One [..., V/tp]
+        # buffer of our own (the caller's logits stay intact) becomes the softmax.
+        logits32 = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        loss, _, softmax = loss_and_softmax_(logits32, tg, slice(None), label_smoothing, vocab_size, group)
+        ctx.save_for_backward(softmax)
+        ctx.tg, ctx.label_smoothing, ctx.vocab_size, ctx.logits_dtype = tg, label_smoothing, vocab_size, logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
-        softmax, not_mine, local_target, ignored = ctx.saved_tensors
-        eps = ctx.label_smoothing
-        # d loss / d logits = softmax - target distribution (a fresh tensor: keep saved ones intact)
-        grad = softmax - eps / ctx.vocab_size
-        hit = (~not_mine).to(grad.dtype) * (1.0 - eps)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
-        scale = grad_loss.float().masked_fill(ignored, 0.0)
-        grad.mul_(scale.unsqueeze(-1))  # in place: the [..., V/tp] buffer is the big one
+        (softmax,) = ctx.saved_tensors
+        # d loss / d logits = softmax - target distribution (on a copy: keep the saved one intact)
+        grad = softmax_minus_target_(softmax.clone(), ctx.tg, slice(None), ctx.label_smoothing, ctx.vocab_size)
+        grad.mul_(grad_loss.float().unsqueeze(-1))  # in place: the [..., V/tp] buffer is the big one
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 

@@ -23,12 +23,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from megatron_core import parallel_state
-from megatron_core.tensor_parallel.cross_entropy import _all_reduce, check_loss_inputs
+from megatron_core.tensor_parallel.cross_entropy import (
+    TargetSlice,
+    check_loss_inputs,
+    loss_and_softmax_,
+    softmax_minus_target_,
+)
 from megatron_core.tensor_parallel.utils import VocabUtility
 
 #: Default chunk: about this many fp32 logits ([chunk, vocab/tp]) at a time (16 MiB; two such
@@ -39,15 +43,6 @@ CHUNK_LOGITS = 4 * 1024 * 1024
 def default_chunk_tokens(vocab_per_rank: int) -> int:
     """Tokens per chunk so that one chunk of logits holds about :data:`CHUNK_LOGITS` values."""
     return max(16, CHUNK_LOGITS // max(1, vocab_per_rank))
-
-
-class _Targets:
-    """Where each token's target lives in this rank's vocabulary slice."""
-
-    def __init__(self, target: torch.Tensor, ignore_index: int, first: int, last: int) -> None:
-        self.ignored = target == ignore_index
-        self.not_mine = (target < first) | (target >= last)  # includes ignored targets
-        self.local = (target - first).masked_fill(self.not_mine, 0)
 
 
 def _logits(
@@ -62,42 +57,6 @@ def _logits(
         bias = None if bias is None else bias.to(dtype)
     logits = F.linear(hidden, weight, bias)
     return logits.float(), logits.dtype
-
-
-def _loss_and_softmax_(
-    logits: torch.Tensor, tg: _Targets, rows: slice, smoothing: float, vocab: int, group: ProcessGroup | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token loss, log-partition ``lse`` over the whole (all ranks') vocabulary, and the softmax
-    (computed in place of ``logits``: one ``[c, V/tp]`` buffer, the same arithmetic as the unfused loss)."""
-    local, not_mine = tg.local[rows], tg.not_mine[rows]
-    logits_max = logits.max(dim=-1).values  # [c]
-    _all_reduce(logits_max, group, dist.ReduceOp.MAX)
-    shifted = logits.sub_(logits_max.unsqueeze(-1))  # [c, V/tp], max-subtracted for stability
-    predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(not_mine, 0.0)
-    _all_reduce(predicted, group)
-    if smoothing > 0.0:
-        sum_logits = shifted.sum(dim=-1)
-        _all_reduce(sum_logits, group)
-    exp = shifted.exp_()
-    sum_exp = exp.sum(dim=-1)
-    _all_reduce(sum_exp, group)
-    log_z = sum_exp.log()
-    loss = log_z - predicted  # -log p(target)
-    if smoothing > 0.0:
-        # PyTorch's definition: target distribution (1 - eps) one-hot + eps / V uniform.
-        loss = (1.0 - smoothing) * loss + smoothing * (log_z - sum_logits / vocab)
-    softmax = exp.div_(sum_exp.unsqueeze(-1))
-    return loss.masked_fill_(tg.ignored[rows], 0.0), log_z.add_(logits_max), softmax
-
-
-def _minus_target_(
-    softmax: torch.Tensor, tg: _Targets, rows: slice | torch.Tensor, smoothing: float, vocab: int
-) -> torch.Tensor:
-    """``softmax - target distribution`` in place: the logit gradient (rows of ignored tokens zero)."""
-    grad = softmax.sub_(smoothing / vocab) if smoothing > 0.0 else softmax
-    hit = (~tg.not_mine[rows]).to(grad.dtype) * (1.0 - smoothing)
-    grad.scatter_add_(-1, tg.local[rows].unsqueeze(-1), -hit.unsqueeze(-1))
-    return grad.masked_fill_(tg.ignored[rows].unsqueeze(-1), 0.0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -115,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         rank, world = parallel_state.group_rank(group), parallel_state.group_world_size(group)
         vocab = weight.shape[0] * world
-        tg = _Targets(target, ignore_index, *VocabUtility.vocab_range_from_per_partition_vocab_size(
+        tg = TargetSlice(target, ignore_index, *VocabUtility.vocab_range_from_per_partition_vocab_size(
             weight.shape[0], rank, world))
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -129,10 +88,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, min(start + chunk, n))
             logits, ctx.compute_dtype = _logits(hidden[rows], weight, bias)  # [c, V/tp]
             eager = ctx.compute_dtype == torch.float32 and (need_h or need_w or need_b)
-            loss[rows], lse[rows], softmax = _loss_and_softmax_(logits, tg, rows, smoothing, vocab, group)
+            loss[rows], lse[rows], softmax = loss_and_softmax_(logits, tg, rows, smoothing, vocab, group)
             del logits  # the softmax took its buffer
             if eager:
-                grad = _minus_target_(softmax, tg, rows, smoothing, vocab)
+                grad = softmax_minus_target_(softmax, tg, rows, smoothing, vocab)
                 part = _fold(grad, hidden[rows], weight, ctx.compute_dtype, need_h, grad_w, grad_b)
                 if grad_h is not None and part is not None:
                     grad_h[rows] = part
@@ -150,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, lse = ctx.saved_tensors
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
-        tg: _Targets = ctx.tg
+        tg: TargetSlice = ctx.tg
         g = grad_loss.float().masked_fill(tg.ignored, 0.0)  # [n]
         valid = ~tg.ignored
         if ctx.eager:
@@ -201,7 +160,7 @@ def _recompute(
     for start in range(0, rows.numel(), ctx.chunk):
         idx = rows[start:start + ctx.chunk]
         logits, dtype = _logits(hidden[idx], weight, bias, ctx.compute_dtype)
-        grad = _minus_target_(logits.sub_(lse[idx].unsqueeze(-1)).exp_(), ctx.tg, idx, ctx.smoothing, ctx.vocab)
+        grad = softmax_minus_target_(logits.sub_(lse[idx].unsqueeze(-1)).exp_(), ctx.tg, idx, ctx.smoothing, ctx.vocab)
         grad.mul_(scale[idx].unsqueeze(-1))
         part = _fold(grad, hidden[idx], weight, dtype, grad_h is not None, grad_w, grad_b)
         if grad_h is not None and part is not None:
