@@ -1,4 +1,5 @@
-"""Pipeline bubble of our 1F1B schedule, measured against the theory (p - 1) / (m + p - 1).
+"""Pipeline bubble of our 1F1B schedules, measured against the theory (p - 1) / (m + p - 1) (interleaved:
+(p - 1) / (v * m + p - 1)).
 
 Each of ``p`` CPU processes (gloo) is one pipeline stage whose forward sleeps ``--forward-ms`` and
 whose backward sleeps ``--backward-ms``, so a stage's compute cost is fixed and known, and the
@@ -111,6 +112,31 @@ def _measure(stages: int, micro_batches: list[int], forward_s: float, backward_s
     return out
 
 
+def _measure_interleaved(stages: int, virtual: int, micro_batches: list[int], forward_s: float, backward_s: float,
+                         repeats: int) -> dict[int, float]:
+    """Interleaved 1F1B: ``virtual`` chunks per rank, each costing 1/virtual of a stage."""
+    parallel_state.initialize_model_parallel(1, stages, virtual_pipeline_model_parallel_size=virtual)
+    torch.manual_seed(0)
+    x = torch.randn(SEQ, MBS, HIDDEN)
+    chunks = [SleepStage(forward_s / virtual, backward_s / virtual) for _ in range(virtual)]
+    schedule = get_forward_backward_func()
+    out: dict[int, float] = {}
+    for m in micro_batches:
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            schedule(forward_step_func=_forward_step, data_iterator=[iter([x] * m) for _ in chunks], model=chunks,
+                     num_microbatches=m, seq_length=SEQ, micro_batch_size=MBS)
+            elapsed = torch.tensor([time.perf_counter() - start])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            times.append(elapsed.item())
+            for chunk in chunks:
+                chunk.zero_grad(set_to_none=True)
+        out[m] = min(times[1:])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
@@ -118,23 +144,32 @@ def main() -> None:
     parser.add_argument("--forward-ms", type=float, default=20.0)
     parser.add_argument("--backward-ms", type=float, default=40.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--virtual", type=int, nargs="*", default=[2],
+                        help="virtual pipeline sizes v for interleaved 1F1B rows (m a multiple of p only)")
     args = parser.parse_args()
     tf, tb = args.forward_ms / 1e3, args.backward_ms / 1e3
 
     print(f"1F1B pipeline bubble, CPU processes (gloo), fixed-cost stages: forward {args.forward_ms:g} ms, "
           f"backward {args.backward_ms:g} ms per micro-batch; fastest of {args.repeats} steps\n")
-    print("| stages p | micro-batches m | ideal step (ms) | measured step (ms) | bubble theory "
-          "(p-1)/(m+p-1) | bubble measured | overhead vs ideal |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("Interleaved rows (v > 1): each rank holds v chunks of 1/v the cost; the idle share falls to "
+          "(p-1)/(v*m+p-1), i.e. a bubble of (p-1)/(v*m) of the compute time.\n")
+    print("| stages p | chunks v | micro-batches m | ideal step (ms) | measured step (ms) | bubble theory "
+          "(p-1)/(v*m+p-1) | bubble measured | overhead vs ideal |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in args.stages:
-        measured = run_distributed(_measure, p, p, args.micro_batches, tf, tb, args.repeats, timeout=600)[0]
-        for m in args.micro_batches:
-            ideal = (m + p - 1) * (tf + tb)
-            step = measured[m]
-            theory = (p - 1) / (m + p - 1)
-            bubble = 1 - m * (tf + tb) / step
-            overhead = f"{(step / ideal - 1) * 100:+.1f}%" if ideal > 0 else "n/a"
-            print(f"| {p} | {m} | {ideal * 1e3:.0f} | {step * 1e3:.1f} | {theory:.3f} | {bubble:.3f} | {overhead} |")
+        rows = {1: run_distributed(_measure, p, p, args.micro_batches, tf, tb, args.repeats, timeout=600)[0]}
+        for v in args.virtual:
+            counts = [m for m in args.micro_batches if m % p == 0]
+            if v > 1 and counts:
+                rows[v] = run_distributed(_measure_interleaved, p, p, v, counts, tf, tb, args.repeats, timeout=600)[0]
+        for v, measured in rows.items():
+            for m, step in measured.items():
+                ideal = (m + (p - 1) / v) * (tf + tb)
+                theory = (p - 1) / (v * m + p - 1)
+                bubble = 1 - m * (tf + tb) / step
+                overhead = f"{(step / ideal - 1) * 100:+.1f}%"
+                print(f"| {p} | {v} | {m} | {ideal * 1e3:.0f} | {step * 1e3:.1f} | {theory:.3f} | {bubble:.3f} "
+                      f"| {overhead} |")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ class _ParallelState:
     edp_size: int = 1
     edp_rank: int = 0
     edp_group: ProcessGroup | None = None
+    vpp_size: int | None = None  # model chunks per pipeline rank (interleaved 1F1B); None: not interleaved
+    vpp_rank: int = 0  # the chunk being built or run
 
 
 _STATE: _ParallelState | None = None
@@ -91,6 +93,7 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> None:
     """Create the tensor-, context-, data- and pipeline-parallel groups of the current world.
 
@@ -99,6 +102,8 @@ def initialize_model_parallel(
         pipeline_model_parallel_size: stages the layer stack is split into.
         expert_model_parallel_size: data-parallel ranks that split the MoE experts among them.
         context_parallel_size: ranks that split each sequence (ring attention).
+        virtual_pipeline_model_parallel_size: model chunks per pipeline rank for the interleaved
+            1F1B schedule (None: one chunk).
 
     Raises:
         ParallelStateError: torch.distributed is not initialised while a size > 1 is asked for,
@@ -131,6 +136,7 @@ def initialize_model_parallel(
                 "torch.distributed.init_process_group() first"
             )
         _STATE = _ParallelState(**vars(_SINGLE))
+        set_virtual_pipeline_model_parallel_world_size(virtual_pipeline_model_parallel_size)
         return
 
     world, rank = _world()
@@ -186,6 +192,7 @@ def initialize_model_parallel(
         ep_size=ep, ep_rank=dp_rank % ep, ep_group=ep_group,
         edp_size=edp, edp_rank=dp_rank // ep, edp_group=edp_group,
     )
+    set_virtual_pipeline_model_parallel_world_size(virtual_pipeline_model_parallel_size)
 
 
 def _create_groups(rank_lists: list[list[int]], rank: int) -> tuple[ProcessGroup | None, list[int]]:
@@ -323,13 +330,49 @@ def get_pipeline_model_parallel_prev_rank() -> int:
     return state.pp_ranks[(state.pp_rank - 1) % state.pp_size]
 
 
-def is_pipeline_first_stage() -> bool:
-    return _state().pp_rank == 0
-
-
-def is_pipeline_last_stage() -> bool:
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """First stage; with virtual pipelining also its first model chunk (unless ``ignore_virtual``)."""
     state = _state()
-    return state.pp_rank == state.pp_size - 1
+    return state.pp_rank == 0 and (ignore_virtual or state.vpp_size is None or state.vpp_rank == 0)
+
+
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """Last stage; with virtual pipelining also its last model chunk (unless ``ignore_virtual``)."""
+    state = _state()
+    last_chunk = ignore_virtual or state.vpp_size is None or state.vpp_rank == state.vpp_size - 1
+    return state.pp_rank == state.pp_size - 1 and last_chunk
+
+
+# ---- virtual pipeline (interleaved 1F1B): each rank holds several model chunks
+def get_virtual_pipeline_model_parallel_world_size() -> int | None:
+    """Model chunks per pipeline rank; None without interleaving."""
+    return _state().vpp_size
+
+
+def set_virtual_pipeline_model_parallel_world_size(size: int | None) -> None:
+    """Interleave ``size`` model chunks per pipeline rank (None: one, not interleaved)."""
+    if size is not None and size < 1:
+        raise ParallelStateError(f"virtual_pipeline_model_parallel_size={size}: must be >= 1 or None")
+    if _STATE is None:
+        raise ParallelStateError("initialize_model_parallel() first, then set the virtual pipeline size")
+    _STATE.vpp_size, _STATE.vpp_rank = size, 0
+
+
+def get_virtual_pipeline_model_parallel_rank() -> int:
+    """The model chunk being built or run on this rank (0 without interleaving)."""
+    return _state().vpp_rank
+
+
+def set_virtual_pipeline_model_parallel_rank(rank: int) -> None:
+    """Select the model chunk that stage checks (first/last stage, layer offsets) refer to."""
+    state = _state()
+    if state.vpp_size is None or not 0 <= rank < state.vpp_size:
+        raise ParallelStateError(
+            f"virtual pipeline rank {rank} is out of range for virtual_pipeline_model_parallel_size="
+            f"{state.vpp_size}; set the size first (initialize_model_parallel(..., "
+            "virtual_pipeline_model_parallel_size=v))"
+        )
+    state.vpp_rank = rank
 
 
 # ---- model parallel (one replica) and embedding sync

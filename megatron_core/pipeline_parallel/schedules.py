@@ -1,6 +1,7 @@
 """Forward/backward schedules over micro-batches: no pipelining, and non-interleaved 1F1B.
 
-Both take Megatron-Core's keyword-only call::
+(The interleaved schedule is in ``interleaved``; ``forward_backward.get_forward_backward_func``
+picks one.) All take Megatron-Core's keyword-only call::
 
     forward_backward = get_forward_backward_func()
     losses = forward_backward(forward_step_func=step, data_iterator=it, model=model,
@@ -36,13 +37,6 @@ ForwardStepFunc = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable[
 
 class ScheduleError(RuntimeError):
     """The schedule was called with arguments it cannot run."""
-
-
-def get_forward_backward_func() -> Callable[..., list[Any]]:
-    """The schedule for the current pipeline size: 1F1B when PP > 1, else no pipelining."""
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        return forward_backward_pipelining_without_interleaving
-    return forward_backward_no_pipelining
 
 
 # ---------------------------------------------------------------------------- shared steps
@@ -261,7 +255,7 @@ def forward_backward_pipelining_without_interleaving(
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     num_warmup = min(stages - stage - 1, num_microbatches)
-    with _no_sync(model)():
+    with run.grad_sync:
         run.warmup(num_warmup)
         run.steady(num_microbatches - num_warmup)
         run.cooldown(0 if forward_only else num_warmup)
@@ -286,6 +280,11 @@ class _OneFOneB:
         # Inputs and outputs of micro-batches whose backward has not run yet, oldest first.
         self.inputs: list[torch.Tensor | None] = []
         self.outputs: list[torch.Tensor] = []
+        # Data-parallel reduction held back until the last micro-batch's backward (whose buckets the
+        # wrapper may then reduce while that backward runs).
+        self.grad_sync = contextlib.ExitStack()
+        self.grad_sync.enter_context(_no_sync(model)())
+        self.backwards = 0
 
     def forward(self, input_tensor: torch.Tensor | None) -> torch.Tensor:
         output = forward_step(self.forward_step_func, self.data_iterator, self.model, self.num_microbatches,
@@ -295,6 +294,9 @@ class _OneFOneB:
         return output
 
     def backward_oldest(self, output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        self.backwards += 1
+        if self.backwards == self.num_microbatches:
+            self.grad_sync.close()  # leave no_sync: this backward finishes the step's gradients
         return backward_step(self.inputs.pop(0), self.outputs.pop(0), output_grad)
 
     def warmup(self, count: int) -> None:

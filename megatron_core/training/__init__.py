@@ -10,7 +10,7 @@ from megatron_core.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_core.training.loop import Trainer, TrainResult
-from megatron_core.training.optimizer import build_adamw, clip_grad_norm, finalize_grads, grad_norm_plan
+from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
 from megatron_core.training.steps import (
@@ -29,7 +29,6 @@ __all__ = [
     "async_save_checkpoint",
     "build_adamw",
     "clip_grad_norm",
-    "finalize_grads",
     "grad_norm_plan",
     "language_model_forward",
     "language_model_step",

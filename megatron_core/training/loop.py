@@ -2,9 +2,11 @@
 
 Works with any model of the toolkit whose ``forward(tokens, position_ids, attention_mask,
 labels=...)`` returns a per-token loss ``[b, s]`` (every language model here); other models plug in
-their own ``forward_step``. Under pipeline parallelism (PP > 1) each rank passes its stage and the
-micro-batches go through the 1F1B schedule (``training.pipeline``); tensor and data parallelism
-and ZeRO-1 (``settings.zero``) work at any pipeline size.
+their own ``forward_step``. At every pipeline size the micro-batches go through
+``get_forward_backward_func()`` (``training.pipeline``), which also finishes the gradients; under
+pipeline parallelism (PP > 1) each rank passes its stage. The model is wrapped in our bucketed
+``DistributedDataParallel`` at every size; tensor and data parallelism, overlapped gradient
+reduction and the distributed optimizer (``settings.distributed_optimizer``) work at any pipeline size.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.data.loader import MicroBatchIterator
+from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.training.checkpointing import (
     async_save_checkpoint,
@@ -33,12 +36,7 @@ from megatron_core.training.checkpointing import (
 )
 from megatron_core.training.compile import compile_layers
 from megatron_core.training.moe_metrics import moe_metrics, reset_moe_stats, set_aux_loss_scale
-from megatron_core.training.optimizer import (
-    build_adamw,
-    clip_grad_norm,
-    finalize_grads,
-    grad_norm_plan,
-)
+from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
 from megatron_core.training.pipeline import PipelineRunner
 from megatron_core.training.scheduler import WarmupCosineScheduler
 from megatron_core.training.settings import TrainingSettings
@@ -94,7 +92,7 @@ class Trainer:
         train_data: map-style dataset of ``{tokens, labels, loss_mask}`` samples.
         valid_data: optional held-out dataset for periodic evaluation.
         forward_step: how a micro-batch becomes a loss (default: language models); a
-            :class:`~megatron_core.training.StagedStep` when PP > 1.
+            :class:`~megatron_core.training.StagedStep` when PP > 1 (a plain callable works at PP = 1).
         checkpoint_extra: JSON-able values stored in every checkpoint's common state (e.g. the run config).
     """
 
@@ -111,32 +109,32 @@ class Trainer:
         self.checkpoint_extra = checkpoint_extra or {}
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.ddp = DistributedDataParallel(self.model, ddp_config=DistributedDataParallelConfig(
+            overlap_grad_reduce=settings.overlap_grad_reduce, overlap_param_gather=settings.overlap_param_gather,
+            use_distributed_optimizer=settings.distributed_optimizer, bucket_size=settings.ddp_bucket_size))
         self.optimizer = self._build_optimizer()
         self.scheduler = WarmupCosineScheduler(self.optimizer, settings.lr, settings.min_lr, settings.warmup_iters,
                                                settings.decay_iters)
         self.params, self.counted = grad_norm_plan(model)
-        # PP > 1: the schedule runs the micro-batches (and wraps the stage for data parallelism).
-        self.pipeline = (PipelineRunner(self.model, forward_step, self._autocast)
-                         if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None)
+        # The schedule runs the micro-batches at every PP size (and wraps the model for data parallelism).
+        self.pipeline = PipelineRunner(self.model, forward_step, self._autocast, ddp=self.ddp)
         self.iteration = 0
         self.consumed_samples = 0
         self._pending_save: dist_checkpointing.AsyncSaveHandle | None = None
         self._resumed_from: Path | None = None  # never deleted by keep_last_n
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; with ``settings.zero`` and data parallelism, ZeRO-1 (state split over the DP ranks)."""
+        """AdamW; with ``settings.distributed_optimizer``, sharded over the data-parallel ranks."""
         s = self.settings
         betas = (s.adam_beta1, s.adam_beta2)
         cp = parallel_state.get_context_parallel_world_size()
-        if s.zero and cp > 1:
+        if s.distributed_optimizer and cp > 1:
             raise ValueError(
-                f"training.zero=true with context_parallel_size={cp}: the ZeRO-1 optimizer shards over data-parallel "
-                "ranks only and does not yet include the context-parallel ones. Fix: training.zero=false under CP"
+                f"training.distributed_optimizer=true with context_parallel_size={cp}: not tested with context "
+                "parallelism yet. Fix: training.distributed_optimizer=false (and training.zero=false) under CP"
             )
-        if s.zero and self.dp_size > 1:
-            return DistributedOptimizer(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
-        if s.zero:
-            logger.info("training.zero: data-parallel size is 1, nothing to shard; plain AdamW")
+        if s.distributed_optimizer:
+            return DistributedOptimizer(self.ddp, s.lr, s.weight_decay, betas, s.adam_eps)
         return build_adamw(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
 
     # ------------------------------------------------------------------ checkpoints
@@ -172,6 +170,8 @@ class Trainer:
         if not s.save_dir:
             raise ValueError("training.save_dir is not set: nowhere to save the checkpoint")
         self.wait_for_checkpoint()
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.finish_param_sync()  # overlap_param_gather: the parameters must be current
         extra = {"consumed_samples": self.consumed_samples, **self.checkpoint_extra}
         if s.async_save:
             self._pending_save = async_save_checkpoint(s.save_dir, self.iteration, self.model, self.optimizer,
@@ -218,18 +218,12 @@ class Trainer:
         local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
         # Normalise by the global token count so accumulation and data parallelism average per token.
         total_tokens = _dp_sum(torch.as_tensor(local_tokens, dtype=torch.float64, device=self.device)).clamp(min=1)
-        if self.pipeline is not None:
-            # The schedule's finalize_model_grads has reduced over DP, TP and the tied embedding.
-            loss_sum = self.pipeline.run([self._to_device(mb) for mb in micro_batches], total_tokens)[0].clone()
+        # The schedule's finalize_model_grads has reduced over DP, TP and the tied embedding.
+        loss_sum = self.pipeline.run([self._to_device(mb) for mb in micro_batches], total_tokens)[0].clone()
+        if isinstance(self.optimizer, DistributedOptimizer):
+            grad_norm = self.optimizer.clip_grad_norm(self.settings.clip_grad)
         else:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for mb in micro_batches:
-                with self._autocast():
-                    summed, _ = self.forward_step(self.model, self._to_device(mb))
-                (summed / total_tokens.float()).backward()
-                loss_sum += summed.detach().double()
-            finalize_grads(self.model, self.params)
-        grad_norm = clip_grad_norm(self.params, self.counted, self.settings.clip_grad)
+            grad_norm = clip_grad_norm(self.params, self.counted, self.settings.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
         return float(_dp_sum(loss_sum) / total_tokens), grad_norm
@@ -242,15 +236,8 @@ class Trainer:
         self.model.eval()
         batches = MicroBatchIterator(self.valid_data, self.settings.micro_batch_size, dp_rank=self.dp_rank,
                                      dp_size=self.dp_size, shuffle=False)
-        if self.pipeline is not None:
-            totals = self.pipeline.run([self._to_device(self._cp_split(next(batches)))
-                                        for _ in range(self.settings.eval_iters)])
-        else:
-            totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-            for _ in range(self.settings.eval_iters):
-                with self._autocast():
-                    summed, count = self.forward_step(self.model, self._to_device(self._cp_split(next(batches))))
-                totals += torch.stack([summed.double(), count.double()])
+        totals = self.pipeline.run([self._to_device(self._cp_split(next(batches)))
+                                    for _ in range(self.settings.eval_iters)])
         _dp_sum(totals)
         self.model.train()
         return float(totals[0] / totals[1].clamp(min=1))

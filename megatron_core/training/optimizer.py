@@ -22,6 +22,11 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, ShardedTensorFactory
+from megatron_core.optimizer.param_layout import (  # noqa: F401  (re-exported: training's public names)
+    counts_in_grad_norm,
+    is_pipeline_copy,
+    is_tensor_parallel_shard,
+)
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -71,29 +76,14 @@ def _param_entries(model: torch.nn.Module, model_sd: ShardedStateDict) -> list[t
     return out
 
 
-def is_tensor_parallel_shard(entry: Any) -> bool:
-    """True when the sharded entry is cut into pieces (each TP rank holds a different one)."""
-    if isinstance(entry, ShardedTensorFactory):
-        return True  # factories wrap split tensors (e.g. the gated fc1)
-    fragments = entry.axis_fragmentations or ()
-    return any(f > 1 for f in fragments[entry.prepend_axis_num:])
-
-
-def is_pipeline_copy(entry: Any) -> bool:
-    """True for a copy of a parameter that another pipeline stage owns (replica id ``(1, ...)``)."""
-    replica = getattr(entry, "replica_id", 0)
-    return isinstance(replica, tuple) and len(replica) > 0 and replica[0] != 0
-
-
 def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = None,
                    ) -> tuple[list[torch.nn.Parameter], list[bool]]:
     """The trainable parameters, and per parameter: does this rank count it in the global norm?"""
     model_sd = model_sharded_state_dict(model) if model_sd is None else model_sd
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     params, flags = [], []
     for _, param, entry in _param_entries(model, model_sd):
         params.append(param)
-        flags.append((is_tensor_parallel_shard(entry) or tp_rank == 0) and not is_pipeline_copy(entry))
+        flags.append(counts_in_grad_norm(entry))
     return params, flags
 
 
@@ -124,39 +114,6 @@ def clip_grad_norm(params: list[torch.nn.Parameter], counted: list[bool], max_no
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return float(total)
-
-
-def finalize_grads(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-    """Complete the gradients after the last backward of a step, before clipping.
-
-    Sums over TP the gradients each rank holds only in part (norms under sequence parallelism,
-    q/k norms: ``allreduce_tp_partial_grads``), then sums over data-parallel replicas.
-    """
-    from megatron_core.transformer.utils import allreduce_tp_partial_grads
-
-    allreduce_tp_partial_grads(model)
-    allreduce_data_parallel_grads(params)
-
-
-def allreduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over data-parallel replicas (a no-op without data parallelism).
-
-    A sum, not a mean: each replica's loss is already divided by the global token count. MoE experts
-    (``param.allreduce = False``) are summed over the expert-data-parallel group only: the token
-    exchange has already brought every expert-parallel rank's tokens to them. Context-parallel ranks
-    hold the same weights and other tokens, so dense gradients are summed over data x context ranks.
-    """
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    if parallel_state.group_world_size(group) == 1:
-        return
-    expert_group = parallel_state.get_expert_data_parallel_group()
-    for p in params:
-        if p.grad is None:
-            continue
-        if not _is_expert(p):
-            dist.all_reduce(p.grad, group=group)
-        elif parallel_state.group_world_size(expert_group) > 1:
-            dist.all_reduce(p.grad, group=expert_group)
 
 
 def _is_expert(param: torch.Tensor) -> bool:

@@ -1,17 +1,16 @@
-"""The training loop's pipeline-parallel path: a step's micro-batches through the 1F1B schedule.
+"""The training loop's micro-batch path: a step's micro-batches through ``get_forward_backward_func()``.
 
-At PP = 1 the ``Trainer`` runs its micro-batches itself (forward, backward, ``finalize_grads``).
-At PP > 1 each rank holds one stage and ``pipeline_parallel.get_forward_backward_func()`` runs
-them; :class:`PipelineRunner` adapts the Trainer's conventions to the schedule:
+At every pipeline size the Trainer hands its micro-batches to the schedule Megatron-Core would pick
+(no pipelining at PP = 1, 1F1B at PP > 1), wrapped in our bucketed ``DistributedDataParallel``, so
+gradients are finished in exactly one place: the schedule's ``finalize_model_grads`` (the
+data-parallel average, the tensor-parallel partial sums, the tied-embedding sum across stages).
+:class:`PipelineRunner` adapts the Trainer's conventions to the schedule:
 
 * **Loss weighting.** The Trainer's gradient is that of (sum of per-token losses over the global
   batch) / (global token count). The schedule divides each micro-batch's loss by the number of
-  micro-batches ``m`` and our ``DistributedDataParallel`` averages gradients over the ``dp``
-  replicas, so each micro-batch contributes ``loss_sum / global_tokens * m * dp``: after both
-  divisions that is exactly the Trainer's per-token weighting.
-* **Gradient reductions.** The schedule ends with ``finalize_model_grads``: the data-parallel
-  average, the TP-partial sums and the tied-embedding sum over the embedding group. The Trainer
-  therefore does not call ``finalize_grads`` on this path (nothing is reduced twice).
+  micro-batches ``m`` and ``DistributedDataParallel`` averages gradients over the ``dp`` replicas,
+  so each micro-batch contributes ``loss_sum / global_tokens * m * dp``: after both divisions that
+  is exactly the Trainer's per-token weighting.
 * **Reported loss.** Only the last stage computes it; the ``[loss sum, tokens]`` totals are summed
   over the pipeline group (other stages add zeros), so every rank, rank 0's progress bar
   included, reports the same value.
@@ -35,29 +34,47 @@ from megatron_core.training.steps import Batch, ForwardStep, StagedStep
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
-class PipelineRunner:
-    """Runs micro-batches through this rank's pipeline stage with the 1F1B schedule.
+def _whole_step_loss(output: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    del batch
+    return output  # a plain forward step already returned (loss sum, token count)
 
-    Args:
-        model: this rank's stage (built with ``pre_process`` / ``post_process`` for its position).
-        step: the forward step, split into stage forward and loss (a :class:`StagedStep`).
-        autocast: a context manager factory entered around every forward (bf16 autocast or a no-op).
+
+def staged(step: ForwardStep) -> StagedStep:
+    """``step`` split at the stage boundary; a plain step only works without pipelining.
 
     Raises:
-        TypeError: ``step`` is a plain callable, which cannot be split between stages.
+        TypeError: ``step`` is a plain callable and PP > 1 (it cannot be split between stages).
+    """
+    if isinstance(step, StagedStep):
+        return step
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise TypeError(
+            f"pipeline parallelism needs the forward step split at the stage boundary, got "
+            f"{getattr(step, '__name__', type(step).__name__)}; pass "
+            "forward_step=StagedStep(forward=..., loss=...) (megatron_core.training.StagedStep)"
+        )
+    return StagedStep(step, _whole_step_loss)  # type: ignore[arg-type]
+
+
+class PipelineRunner:
+    """Runs micro-batches through this rank's model (or pipeline stage) with the schedule of its PP size.
+
+    Args:
+        model: this rank's model or stage (built with ``pre_process`` / ``post_process`` for its position).
+        step: the forward step; split into stage forward and loss (a :class:`StagedStep`) when PP > 1.
+        autocast: a context manager factory entered around every forward (bf16 autocast or a no-op).
+        ddp: the data-parallel wrapper to use (default: ``wrap_data_parallel(model)``).
+
+    Raises:
+        TypeError: ``step`` is a plain callable and PP > 1.
     """
 
-    def __init__(self, model: torch.nn.Module, step: ForwardStep, autocast: Autocast) -> None:
-        if not isinstance(step, StagedStep):
-            raise TypeError(
-                f"pipeline parallelism needs the forward step split at the stage boundary, got "
-                f"{getattr(step, '__name__', type(step).__name__)}; pass "
-                "forward_step=StagedStep(forward=..., loss=...) (megatron_core.training.StagedStep)"
-            )
-        self.step = step
+    def __init__(self, model: torch.nn.Module, step: ForwardStep, autocast: Autocast,
+                 ddp: torch.nn.Module | None = None) -> None:
+        self.step = staged(step)
         self.autocast = autocast
-        # Our bucketed DDP when DP > 1 (torch's cannot follow 1F1B's backward order); the model itself at DP = 1.
-        self.stage = wrap_data_parallel(model)
+        # Our bucketed DDP when DP > 1; the model itself at DP = 1.
+        self.stage = ddp if ddp is not None else wrap_data_parallel(model)
         self.dtype = pipeline_dtype(model)
         # The DDP wrapper averages over data x context parallel ranks (each CP rank holds other tokens).
         self.dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)

@@ -30,7 +30,13 @@ class TrainingSettings(BaseModel):
     bf16: bool = False  # torch.autocast(bfloat16) around forward passes; weights stay in params_dtype
     compile: bool = False  # regional torch.compile of every TransformerLayer (training.compile.compile_layers)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager": no code generation, for debugging)
-    zero: bool = False  # ZeRO-1: AdamW's state split over data-parallel ranks (optimizer.DistributedOptimizer)
+    # The distributed optimizer (optimizer.DistributedOptimizer): gradients reduce-scattered, fp32 master
+    # weights and AdamW moments sharded over data-parallel ranks, updated parameters all-gathered.
+    distributed_optimizer: bool = False
+    zero: bool = False  # deprecated alias of distributed_optimizer (the old ZeRO-1)
+    overlap_grad_reduce: bool = False  # reduce each gradient bucket during backward (Megatron-Core's name)
+    overlap_param_gather: bool = False  # all-gather updated parameters during the next forward (needs the above)
+    ddp_bucket_size: int | None = None  # elements per gradient bucket; None: max(40M, 1M * data-parallel size)
     seed: int = 1234
     eval_interval: int = 0  # 0: evaluate only at the end (when there is validation data)
     eval_iters: int = 10
@@ -46,6 +52,14 @@ class TrainingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSettings:
+        if self.zero:
+            # ZeRO-1 on torch's ZeroRedundancyOptimizer was replaced by the distributed optimizer.
+            self.distributed_optimizer = True
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ValueError("training.overlap_param_gather=true needs training.distributed_optimizer=true "
+                             "(only the distributed optimizer all-gathers parameters)")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError(f"training.ddp_bucket_size={self.ddp_bucket_size} must be >= 1 (elements) or null")
         for name in ("train_iters", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name}={getattr(self, name)} must be >= 1")

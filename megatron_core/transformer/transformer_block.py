@@ -57,13 +57,39 @@ def _pipeline_rank(config: TransformerConfig) -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
 
+def _layers_per_virtual_chunk(config: TransformerConfig) -> int | None:
+    """Layers per model chunk under virtual pipelining (interleaved 1F1B), None without it."""
+    v = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if v is None:
+        return None
+    chunks = config.pipeline_model_parallel_size * v
+    if config.num_layers % chunks or config.num_layers_in_first_pipeline_stage is not None \
+            or config.num_layers_in_last_pipeline_stage is not None:
+        raise ValueError(
+            f"num_layers={config.num_layers} must split evenly into pipeline_model_parallel_size="
+            f"{config.pipeline_model_parallel_size} x virtual_pipeline_model_parallel_size={v} chunks, without "
+            "num_layers_in_first/last_pipeline_stage; change num_layers or the virtual pipeline size"
+        )
+    return config.num_layers // chunks
+
+
 def get_num_layers_to_build(config: TransformerConfig) -> int:
-    """How many layers this pipeline stage holds."""
+    """How many layers this pipeline stage (or, interleaved, this model chunk) holds."""
+    per_chunk = _layers_per_virtual_chunk(config)
+    if per_chunk is not None:
+        return per_chunk
     return _stage_layer_counts(config)[_pipeline_rank(config)]
 
 
 def get_transformer_layer_offset(config: TransformerConfig) -> int:
-    """Global index of this stage's first layer."""
+    """Global index of this stage's (or model chunk's) first layer.
+
+    Interleaved, chunk ``c`` of pipeline rank ``r`` is piece ``c * p + r`` of the stack.
+    """
+    per_chunk = _layers_per_virtual_chunk(config)
+    if per_chunk is not None:
+        chunk = parallel_state.get_virtual_pipeline_model_parallel_rank()
+        return (chunk * config.pipeline_model_parallel_size + _pipeline_rank(config)) * per_chunk
     return sum(_stage_layer_counts(config)[:_pipeline_rank(config)])
 
 

@@ -41,19 +41,22 @@ def has_tp_partial_grad(param: torch.nn.Parameter) -> bool:
     return bool(getattr(param, "sequence_parallel", False) or getattr(param, "tp_partial_grad", False))
 
 
-def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: ProcessGroup | None = None) -> None:
+def allreduce_tp_partial_grads(model: torch.nn.Module, tp_group: ProcessGroup | None = None,
+                               grad_attr: str = "grad") -> None:
     """Sum over the TP group the gradients that each TP rank holds only in part.
 
     Two kinds of replicated parameters see only part of the data on each rank: with sequence
     parallelism, norms and row-parallel biases see this rank's tokens (tagged
     ``sequence_parallel``); q/k layernorms see this rank's heads (tagged ``tp_partial_grad``).
     Call this after ``backward()`` and before the optimizer step (Megatron-Core does it in
-    ``finalize_model_grads``); a no-op without tensor parallelism.
+    ``finalize_model_grads``); a no-op without tensor parallelism. ``grad_attr``: which gradient to
+    sum (``"main_grad"``: the data-parallel wrapper's accumulation buffer).
     """
     group = tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
     if parallel_state.group_world_size(group) == 1:
         return
-    grads = [p.grad for p in model.parameters() if has_tp_partial_grad(p) and p.grad is not None]
+    grads = [g for p in model.parameters()
+             if has_tp_partial_grad(p) and (g := getattr(p, grad_attr, None)) is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

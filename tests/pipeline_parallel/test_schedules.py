@@ -134,8 +134,7 @@ def test_data_parallel_averages_gradients(tmp_path, world, pp):
     m = 3
     dp = world // pp
     per_rank = run_distributed(_data_parallel, world, pp, m, tmp_dir=tmp_path)
-    expected_kind = "torch.nn.parallel.distributed" if pp == 1 else "megatron_core.distributed.distributed_data_parallel"
-    assert {r["kind"] for r in per_rank} == {expected_kind}
+    assert {r["kind"] for r in per_rank} == {"megatron_core.distributed.distributed_data_parallel"}
     last = [r for r in per_rank if r["losses"]]
     assert len(last) == dp
     losses = [loss for r in sorted(last, key=lambda r: r["dp_rank"]) for loss in r["losses"]]

@@ -15,7 +15,11 @@ import torch
 
 from megatron_core import dist_checkpointing
 from megatron_core import parallel_state as ps
-from megatron_core.distributed import unwrap_model, wrap_data_parallel
+from megatron_core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    unwrap_model,
+)
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
@@ -70,12 +74,13 @@ def test_resume_at_another_layout_continues_the_same_loss_curve(saved, tmp_path,
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(uninterrupted), atol=TOL, rtol=0)
 
 
-# ---------------------------------------------------------------------------- ZeRO-1
+# ---------------------------------------------------------------------------- distributed optimizer
 def _zero_setup(tp: int, pp: int, full: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, DistributedOptimizer]:
     ps.initialize_model_parallel(tp, pp)
     stage = build_gpt(make_config(tp, pp))
     load_full(stage, full)
-    return wrap_data_parallel(stage), DistributedOptimizer(stage, lr=LR)
+    ddp = DistributedDataParallel(stage, ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
+    return ddp, DistributedOptimizer(ddp, lr=LR)
 
 
 def _zero_save(model: torch.nn.Module, optimizer: DistributedOptimizer, path: str) -> None:
@@ -98,11 +103,11 @@ def _zero_load(model: torch.nn.Module, optimizer: DistributedOptimizer, path: st
 
 
 def _zero_save_then_continue(path: str) -> dict[str, Any]:
-    """ZeRO at (1, 2, 2): state split over the two DP ranks of each stage."""
+    """Distributed optimizer at (1, 2, 2): state split over the two DP ranks of each stage."""
     model, optimizer = _zero_setup(1, 2, FULL)
     train_steps(model, optimizer, STEPS[:SAVED_AT], 2)
-    owned = sum(p.numel() for p in optimizer.owned_parameters())
-    total = sum(p.numel() for p in unwrap_model(model).parameters())
+    owned = optimizer.state_bytes()
+    total = 8 * sum(p.numel() for p in unwrap_model(model).parameters())  # two fp32 moments
     _zero_save(model, optimizer, path)
     losses = train_steps(model, optimizer, STEPS[SAVED_AT:], 2)[0]
     return {"losses": losses, "owned": owned, "total": total, "stage": ps.get_pipeline_model_parallel_rank()}
@@ -118,7 +123,7 @@ def _zero_resume(tp: int, pp: int, path: str, zero: bool) -> list[float]:
     return train_steps(model, optimizer, STEPS[SAVED_AT:], 2)[0]
 
 
-def test_zero1_splits_state_and_reshards(saved, tmp_path):
+def test_distributed_optimizer_splits_state_and_reshards(saved, tmp_path):
     reference = saved[1]  # the uninterrupted plain-AdamW run at (2, 2, 1)
     path = str(tmp_path / "zero")
     saved = run_distributed(_zero_save_then_continue, 4, path, tmp_dir=tmp_path)
@@ -127,7 +132,7 @@ def test_zero1_splits_state_and_reshards(saved, tmp_path):
     for stage in (0, 1):
         ranks = [r for r in saved if r["stage"] == stage]
         assert all(0 < r["owned"] < r["total"] for r in ranks), "each DP rank holds part of the state"
-        assert sum(r["owned"] for r in ranks) == ranks[0]["total"], "and together all of it, once"
+        assert ranks[0]["total"] <= sum(r["owned"] for r in ranks) < 1.01 * ranks[0]["total"], "together all of it"
     for world, tp, pp, zero in [(4, 1, 1, True), (1, 1, 1, False)]:
         for losses in run_distributed(_zero_resume, world, tp, pp, path, zero, tmp_dir=tmp_path):
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=TOL, rtol=0)

@@ -6,15 +6,16 @@ import torch.distributed as dist
 
 from megatron_core import TransformerConfig, parallel_state
 from megatron_core.data import AlphabetDataset, collate
+from megatron_core.distributed import finalize_model_grads
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import model_parallel_manual_seed
 from megatron_core.testing import run_distributed
-from megatron_core.training import clip_grad_norm, finalize_grads, grad_norm_plan, language_model_step
+from megatron_core.training import clip_grad_norm, grad_norm_plan, language_model_step
 from specs.gpt import get_gpt_layer_local_spec
 
 VARIANTS = {
     "plain": {},
-    # Both make replicated parameters see only part of the data per rank: finalize_grads must sum them.
+    # Both make replicated parameters see only part of the data per rank: finalize_model_grads must sum them.
     "sequence_parallel+qk_layernorm": {"sequence_parallel": True, "qk_layernorm": True},
 }
 
@@ -30,7 +31,7 @@ def _grads(tp, variant):
     loss, count = language_model_step(model, collate([ds[i] for i in range(8)]))
     (loss / count).backward()
     params, counted = grad_norm_plan(model)
-    finalize_grads(model, params)
+    finalize_model_grads([model])
     norm = clip_grad_norm(params, counted, max_norm=0.0)  # measure only
     names = {id(p): n for n, p in model.named_parameters()}
     return norm, {names[id(p)]: (p.grad.clone(), c) for p, c in zip(params, counted, strict=True)}
