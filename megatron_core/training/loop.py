@@ -129,9 +129,10 @@ class Trainer:
         betas = (s.adam_beta1, s.adam_beta2)
         cp = parallel_state.get_context_parallel_world_size()
         if s.distributed_optimizer and cp > 1:
+            name = "training.zero=true" if s.zero else "training.distributed_optimizer=true"
             raise ValueError(
-                f"training.distributed_optimizer=true with context_parallel_size={cp}: not tested with context "
-                "parallelism yet. Fix: training.distributed_optimizer=false (and training.zero=false) under CP"
+                f"{name} with context_parallel_size={cp}: the distributed optimizer is not tested with context "
+                "parallelism yet. Fix: training.distributed_optimizer=false and training.zero=false under CP"
             )
         if s.distributed_optimizer:
             return DistributedOptimizer(self.ddp, s.lr, s.weight_decay, betas, s.adam_eps)
