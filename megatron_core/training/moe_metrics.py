@@ -1,10 +1,11 @@
 """Mixture-of-experts bookkeeping for the training loop: the aux-loss gradient scale and the metrics.
 
 The routers attach their aux / z losses to the activations (``MoEAuxLossAutoScaler``), so they reach
-``backward`` on every pipeline stage without travelling with the loss. The loop's loss is
-``sum(token losses) / global tokens`` per micro-batch and data-parallel gradients are summed, so
-each attached loss is scaled by ``1 / (micro-batches x data-parallel size)``: the gradient is that of
-``lm_loss + mean over (micro-batches, replicas) of the summed per-layer aux losses``.
+``backward`` on every pipeline stage without travelling with the loss. The schedule divides each
+micro-batch's loss by the number of micro-batches and the data-parallel gradient reduction averages
+(scales by 1 / DP), so each attached loss is scaled by ``1 / micro-batches`` (Megatron-Core's
+choice): the gradient is that of ``lm_loss + mean over (micro-batches, replicas) of the summed
+per-layer aux losses``.
 
 Metrics (one record per log interval, written by rank 0, collectives on every rank):
 ``moe_aux_loss`` / ``moe_z_loss`` (that mean, summed over layers, as added to the objective) and
@@ -26,8 +27,7 @@ from megatron_core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 def set_aux_loss_scale(num_micro_batches: int) -> None:
     """Weight of each attached aux / z loss in backward (see the module docstring)."""
-    dp = parallel_state.get_data_parallel_world_size()
-    MoEAuxLossAutoScaler.set_loss_scale(1.0 / (max(num_micro_batches, 1) * dp))
+    MoEAuxLossAutoScaler.set_loss_scale(1.0 / max(num_micro_batches, 1))
 
 
 def reset_moe_stats(model: torch.nn.Module) -> None:
