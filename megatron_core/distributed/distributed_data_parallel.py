@@ -98,6 +98,15 @@ class DistributedDataParallel(torch.nn.Module):
             for sub in module.modules():
                 if any(True for _ in sub.parameters(recurse=False)):
                     sub.register_forward_pre_hook(self._wait_param_gather)
+        # The fused output layer + cross entropy reads the output weight (tied or not) from the model's
+        # forward without calling the output layer's forward, so that module's pre-hook never fires:
+        # those parameters are waited for when the wrapper's forward starts.
+        self._read_outside_own_forward = [
+            p for name, sub in module.named_modules() if name.split(".")[-1] == "output_layer"
+            for p in sub.parameters(recurse=False)]
+        tied = stage_tied_embedding_weight(module)
+        if tied is not None:
+            self._read_outside_own_forward.append(tied)
 
     def _late_params(self) -> set[int]:
         late = set()
@@ -124,6 +133,11 @@ class DistributedDataParallel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._restart_pending and torch.is_grad_enabled():
             self.zero_grad_buffer()
+        if self.ddp_config.overlap_param_gather:
+            for p in self._read_outside_own_forward:
+                entry = self._bucket_of.get(id(p))
+                if entry is not None:
+                    entry[0].finish_param_sync(entry[1])
         return self.module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

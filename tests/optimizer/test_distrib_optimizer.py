@@ -95,10 +95,7 @@ def _layout(tp: int, pp: int, num_microbatches: int) -> dict[str, Any]:
     pytest.param(2, 1, 1, 2, id="dp2-accum2"),
     pytest.param(4, 1, 1, 1, id="dp4"),
     pytest.param(4, 2, 1, 2, id="tp2-dp2"),
-    pytest.param(4, 1, 2, 2, id="pp2-dp2", marks=pytest.mark.xfail(
-        reason="KNOWN BUG (open): PP=2 x DP=2 with small buckets drifts from one process by up to 8e-3 in the "
-               "loss; the same layout with one bucket (tests/training/test_checkpointing_reshard.py) matches",
-        strict=False)),
+    pytest.param(4, 1, 2, 2, id="pp2-dp2"),
 ])
 def test_distributed_optimizer_matches_one_process(tmp_path, world, tp, pp, num_microbatches):
     # 20 training steps per rank: a generous timeout for a loaded 2-core machine.
