@@ -35,7 +35,7 @@ from megatron_core.training.checkpointing import (
     save_checkpoint,
 )
 from megatron_core.training.compile import compile_layers
-from megatron_core.training.moe_metrics import moe_metrics, reset_moe_stats, set_aux_loss_scale
+from megatron_core.training.moe_metrics import aux_loss_scale, moe_metrics, reset_moe_stats
 from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
 from megatron_core.training.pipeline import PipelineRunner
 from megatron_core.training.scheduler import WarmupCosineScheduler
@@ -215,12 +215,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = [self._cp_split(mb) for mb in micro_batches]
         reset_moe_stats(self.model)
-        set_aux_loss_scale(len(micro_batches))
         local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
         # Normalise by the global token count so accumulation and data parallelism average per token.
         total_tokens = _dp_sum(torch.as_tensor(local_tokens, dtype=torch.float64, device=self.device)).clamp(min=1)
         # The schedule's finalize_model_grads has reduced over DP, TP and the tied embedding.
-        loss_sum = self.pipeline.run([self._to_device(mb) for mb in micro_batches], total_tokens)[0].clone()
+        with aux_loss_scale(self.model, len(micro_batches)):  # MoE: averaged like the LM loss, this step only
+            loss_sum = self.pipeline.run([self._to_device(mb) for mb in micro_batches], total_tokens)[0].clone()
         if isinstance(self.optimizer, DistributedOptimizer):
             grad_norm = self.optimizer.clip_grad_norm(self.settings.clip_grad)
         else:

@@ -5,7 +5,8 @@ The routers attach their aux / z losses to the activations (``MoEAuxLossAutoScal
 micro-batch's loss by the number of micro-batches and the data-parallel gradient reduction averages
 (scales by 1 / DP), so each attached loss is scaled by ``1 / micro-batches`` (Megatron-Core's
 choice): the gradient is that of ``lm_loss + mean over (micro-batches, replicas) of the summed
-per-layer aux losses``.
+per-layer aux losses``. The scale is set on the routers of the trained model only, for the step
+only (:func:`aux_loss_scale`); a dense model or another model in the process is never touched.
 
 Metrics (one record per log interval, written by rank 0, collectives on every rank):
 ``moe_aux_loss`` / ``moe_z_loss`` (that mean, summed over layers, as added to the objective) and
@@ -15,6 +16,8 @@ over the step, all replicas, after capacity drops), from which load balance read
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,12 +25,24 @@ import torch.distributed as dist
 
 from megatron_core import parallel_state
 from megatron_core.transformer.moe.moe_layer import MoELayer, moe_layers
-from megatron_core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 
-def set_aux_loss_scale(num_micro_batches: int) -> None:
-    """Weight of each attached aux / z loss in backward (see the module docstring)."""
-    MoEAuxLossAutoScaler.set_loss_scale(1.0 / max(num_micro_batches, 1))
+@contextmanager
+def aux_loss_scale(model: torch.nn.Module, num_micro_batches: int) -> Iterator[None]:
+    """Within the block, the routers of ``model`` weight their attached losses by ``1 / num_micro_batches``.
+
+    The previous values are restored on exit (also on an exception). Routers without an
+    ``aux_loss_scale`` attribute (a custom router attaching no loss) are left alone.
+    """
+    routers = [layer.router for layer in moe_layers(model) if hasattr(layer.router, "aux_loss_scale")]
+    saved = [router.aux_loss_scale for router in routers]
+    for router in routers:
+        router.aux_loss_scale = 1.0 / max(num_micro_batches, 1)
+    try:
+        yield
+    finally:
+        for router, value in zip(routers, saved, strict=True):
+            router.aux_loss_scale = value
 
 
 def reset_moe_stats(model: torch.nn.Module) -> None:

@@ -13,8 +13,12 @@ tokens of *all layers at once*: per layer it is ``k`` times ours (without the co
 
 The losses do not travel through the model outputs: ``MoEAuxLossAutoScaler`` attaches each one to
 an activation so that ``loss.backward()`` also back-propagates ``scale * d(aux)/d(params)``, which
-works across pipeline stages (Megatron-Core's mechanism). The training loop sets the scale to
-``1 / micro-batches`` so the aux loss is averaged like the language-model loss.
+works across pipeline stages (Megatron-Core's mechanism). The weight of that gradient is given at
+forward time (``TopKRouter.aux_loss_scale``, 1 by default) and kept with the graph, instead of
+Megatron-Core's process-wide ``main_loss_backward_scale``: a global would leak from one model (or one
+training loop) into every other model of the process, and could change between a forward and its
+backward. The training loop sets it on the routers of the model it trains, for the step only
+(``training.moe_metrics.aux_loss_scale``).
 """
 
 from __future__ import annotations
@@ -26,24 +30,21 @@ import torch
 
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):
-    """Identity on ``output`` whose backward also sends ``main_loss_backward_scale`` into ``aux_loss``."""
+    """Identity on ``output`` whose backward also sends ``scale`` (as d(loss)/d(aux_loss)) into ``aux_loss``.
 
-    main_loss_backward_scale: float = 1.0
+    ``MoEAuxLossAutoScaler.apply(output, aux_loss, scale=1.0)``: the scale is fixed at forward time.
+    """
 
     @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, output: torch.Tensor, aux_loss: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
+        ctx.scale = float(scale)
         return output
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, MoEAuxLossAutoScaler.main_loss_backward_scale)
-
-    @staticmethod
-    def set_loss_scale(scale: float) -> None:
-        """Weight of the aux losses' gradient relative to the main loss (1 / micro-batches in training)."""
-        MoEAuxLossAutoScaler.main_loss_backward_scale = float(scale)
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
 def switch_load_balancing_loss(

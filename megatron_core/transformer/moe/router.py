@@ -89,6 +89,9 @@ class TopKRouter(MegatronModule):
         self.stats = RouterStats(self.num_experts)
         # Megatron's token order is [s, b] flattened; seq_aux_loss needs b. The MoE layer sets it.
         self.batch_size = 1
+        # d(objective)/d(each attached loss), captured at forward; the Trainer sets 1 / micro-batches
+        # for its step only (training.moe_metrics.aux_loss_scale).
+        self.aux_loss_scale = 1.0
 
     def _scores_and_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights of the chosen [T, k], chosen expert ids [T, k], scores over all experts [T, E])."""
@@ -112,7 +115,7 @@ class TopKRouter(MegatronModule):
         zl = None
         if config.moe_z_loss_coeff and self.training:
             zl = z_loss(logits, config.moe_z_loss_coeff)
-            logits = MoEAuxLossAutoScaler.apply(logits, zl)
+            logits = MoEAuxLossAutoScaler.apply(logits, zl, self.aux_loss_scale)
         weights, top, scores = self._scores_and_topk(logits)
         if config.moe_router_topk_scaling_factor is not None:
             weights = weights * config.moe_router_topk_scaling_factor
@@ -121,7 +124,7 @@ class TopKRouter(MegatronModule):
         tokens_per_expert = routing_map.sum(dim=0)  # before drops: what the balance losses measure
         aux = self._aux_loss(scores, routing_map, tokens_per_expert)
         if aux is not None:
-            probs = MoEAuxLossAutoScaler.apply(probs, aux)
+            probs = MoEAuxLossAutoScaler.apply(probs, aux, self.aux_loss_scale)
         if config.moe_expert_capacity_factor is not None:
             capacity = expert_capacity(logits.shape[0], self.num_experts, self.topk, config.moe_expert_capacity_factor)
             probs, routing_map = apply_capacity(probs, routing_map, capacity, config.moe_token_drop_policy)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from megatron_core.transformer.moe import TopKRouter
-from megatron_core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from tests.transformer.moe.moe_harness import moe_config
 
 E, K, T, H = 8, 2, 24, 32
@@ -116,9 +115,13 @@ def test_loss_scale_multiplies_the_attached_gradient():
     router(x)[0].sum().mul(0).backward()
     once = router.weight.grad.clone()
     router.zero_grad()
-    MoEAuxLossAutoScaler.set_loss_scale(0.25)
-    try:
-        router(x)[0].sum().mul(0).backward()
-    finally:
-        MoEAuxLossAutoScaler.set_loss_scale(1.0)
+    router.aux_loss_scale = 0.25
+    router(x)[0].sum().mul(0).backward()
     torch.testing.assert_close(router.weight.grad, once * 0.25)
+    # the scale is the one at forward time, whatever it is when backward runs
+    router.zero_grad()
+    router.aux_loss_scale = 0.5
+    out = router(x)[0]
+    router.aux_loss_scale = 1.0
+    out.sum().mul(0).backward()
+    torch.testing.assert_close(router.weight.grad, once * 0.5)
