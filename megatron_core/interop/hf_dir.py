@@ -8,8 +8,8 @@ at any TP/PP with no arguments (``description.load_checkpoint``). Any family in 
 works: a family added to ``hf.FAMILY_MODULES`` needs nothing here.
 
 ``load_hf_dir(HF_DIR)`` builds our model at the current TP/PP directly from the directory: each
-rank reads only its slices (``safe_open(...).get_slice``) of the tensors stored as is, and the
-whole group for the tensors that are fused or reshaped on the way (q/k/v, gate/up).
+rank reads only its slices (``safe_open(...).get_slice``), also of the tensors that are fused or
+reshaped on the way (q/k/v, gate/up, transposes: ``slice_plan``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import base64
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from megatron_core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron_core.dist_checkpointing.streaming import StreamingCheckpointWriter
 from megatron_core.interop.description import DESCRIPTION_KEY, ModelDescription, build_model, describe
 from megatron_core.interop.hf import FAMILY_MODULES, get_family
-from megatron_core.interop.keymap import KeyTable, same
+from megatron_core.interop.keymap import KeyGroup, KeyTable, same
 from megatron_core.interop.registry import Blueprint, HFInteropError
+from megatron_core.interop.slice_plan import gather, plan
 from megatron_core.module import MegatronModule
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class HFDirectory:
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._handles[self.weight_map[key]].get_tensor(key)
+
+    def shape(self, key: str) -> torch.Size:
+        """The stored shape of tensor ``key`` (from the file header, nothing read)."""
+        return torch.Size(self._handles[self.weight_map[key]].get_slice(key).get_shape())
 
     def slice(self, key: str, box: tuple[slice, ...]) -> torch.Tensor:
         """Only the ``box`` of tensor ``key`` (``get_slice``: the rest is never read)."""
@@ -215,26 +220,61 @@ def _local_box(leaf: ShardedTensor) -> tuple[slice, ...]:
                                                  strict=True))
 
 
+def _local_positions(leaf: ShardedTensor | ShardedTensorFactory, full: Sequence[int]) -> list[torch.Tensor] | None:
+    """Per dimension, the positions of the full tensor this rank holds (None: not one index per dimension)."""
+    if isinstance(leaf, ShardedTensor):
+        return [torch.arange(box.start, box.stop) for box in _local_box(leaf)]
+    positions = []
+    for dim, size in enumerate(full):  # run the factory's build/merge on positions along one dimension
+        view = [1] * len(full)
+        view[dim] = size
+        merged = _factory_local(leaf, torch.arange(size).reshape(view).expand(*full))  # a view: no copy
+        line = merged.movedim(dim, 0).reshape(merged.shape[dim], -1)
+        if not bool((line == line[:, :1]).all()):
+            return None
+        positions.append(line[:, 0])
+    return positions
+
+
+def _read_local(hf: HFDirectory, group: KeyGroup, key: str,
+                leaf: ShardedTensor | ShardedTensorFactory) -> torch.Tensor | None:
+    """This rank's part of our ``key`` from the boxes of the group's sources it needs; None: cannot plan."""
+    shapes = [hf.shape(k) for k in group.hf]
+    maps = plan(group.forward, shapes, group.ours.index(key))
+    if maps is None:
+        return None
+    full = [len(m.index) if m.index is not None else shapes[0][m.source_dim] for m in maps]
+    local = _local_positions(leaf, full)
+    if local is None:
+        return None
+    return gather(maps, local, lambda i, box: hf.slice(group.hf[i], box))
+
+
 def load_hf_dir(path: str | Path, *, dtype: str | None = None) -> MegatronModule:
     """Our model at the current TP/PP holding the weights of a Hugging Face directory (eval mode).
 
-    Tensors stored as is are read slice by slice (each rank only its part, ``get_slice``); fused or
-    reshaped ones (q/k/v, gate/up, transposed Conv1D weights) are converted from their whole group,
-    then sliced.
+    Each rank reads only its part of every tensor (``get_slice``), also of the tensors that are
+    fused or reshaped on the way (q/k/v, gate/up, GPT-2's transposed ``Conv1D`` weights: see
+    ``slice_plan``). A group whose transform cannot be planned (one stacked tensor split per expert,
+    or a transform not marked as reindexing) is read whole, then sliced.
     """
     hf = HFDirectory(path)
     blueprint, table = _blueprint_and_table(hf, dtype)
     model = build_model(describe(blueprint, hf_config=hf.config_dict))
     state = model.state_dict(keep_vars=True)
-    converted: dict[str, torch.Tensor] = {}  # the other outputs of the group last converted
+    converted: dict[str, torch.Tensor] = {}  # the other outputs of the group last read whole
     with torch.no_grad():
         for key, leaf in model.sharded_state_dict().items():
             if key.endswith("_extra_state"):
                 continue
             group = table.group(key, "to_hf")
+            local: torch.Tensor | None
             if isinstance(leaf, ShardedTensor) and group.forward is same and len(group.hf) == 1:
                 local = hf.slice(group.hf[0], _local_box(leaf))
             else:
+                local = _read_local(hf, group, key, leaf)
+            if local is None:
+                logger.debug("%s: reading %s whole (transform not planned)", key, list(group.hf))
                 if key not in converted:
                     outputs = group.forward([hf.tensor(k) for k in group.hf])
                     converted = dict(zip(group.ours, outputs, strict=True))

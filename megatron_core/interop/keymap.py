@@ -61,6 +61,22 @@ def _listed(keys: Sequence[str], most: int = 8) -> str:
     return ", ".join(repr(k) for k in keys[:most]) + (", ..." if len(keys) > most else "")
 
 
+def reindexing(transform: Transform) -> Transform:
+    """Mark ``transform`` as pure reindexing (every output element is one source element; no arithmetic).
+
+    ``load_hf_dir`` then reads only each rank's part of the sources (``slice_plan``); unmarked
+    transforms get their sources whole.
+    """
+    transform.reindexing = True  # type: ignore[attr-defined]
+    return transform
+
+
+def is_reindexing(transform: Transform) -> bool:
+    """Whether ``transform`` was marked with :func:`reindexing`."""
+    return bool(getattr(transform, "reindexing", False))
+
+
+@reindexing
 def same(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     """The identity transform (the tensor is stored as is on both sides)."""
     return tensors

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_core.config import TransformerConfig
-from megatron_core.interop.keymap import Transform
+from megatron_core.interop.keymap import Transform, is_reindexing, reindexing
 
 TransformPair = tuple[Transform, Transform]
 
@@ -137,8 +137,13 @@ def _one(fn: Callable[[torch.Tensor], torch.Tensor]) -> Transform:
     return transform
 
 
+def _pair(forward: Transform, inverse: Transform) -> TransformPair:
+    """A pair of pure reindexing transforms (``load_hf_dir`` reads only each rank's part of their sources)."""
+    return reindexing(forward), reindexing(inverse)
+
+
 #: GPT-2 ``Conv1D`` ``[in, out]`` <-> ``nn.Linear`` ``[out, in]``.
-TRANSPOSE: TransformPair = (_one(conv1d_to_linear), _one(linear_to_conv1d))
+TRANSPOSE: TransformPair = _pair(_one(conv1d_to_linear), _one(linear_to_conv1d))
 
 
 def qkv_transforms(num_heads: int, num_groups: int, head_dim: int) -> TransformPair:
@@ -152,7 +157,7 @@ def qkv_transforms(num_heads: int, num_groups: int, head_dim: int) -> TransformP
         (fused,) = tensors
         return split_qkv(fused, num_heads=num_heads, num_groups=num_groups, head_dim=head_dim)
 
-    return fuse, split
+    return _pair(fuse, split)
 
 
 def config_qkv_transforms(config: TransformerConfig) -> TransformPair:
@@ -164,13 +169,12 @@ def config_qkv_transforms(config: TransformerConfig) -> TransformPair:
 
 def kv_transforms(num_heads: int, head_dim: int) -> TransformPair:
     """(k, v) <-> our cross-attention ``linear_kv`` (``[k_h; v_h]`` per head)."""
-    return (lambda t: [fuse_kv(*t, num_heads=num_heads, head_dim=head_dim)]), (
-        lambda t: split_kv(*t, num_heads=num_heads, head_dim=head_dim)
-    )
+    return _pair(lambda t: [fuse_kv(*t, num_heads=num_heads, head_dim=head_dim)],
+                 lambda t: split_kv(*t, num_heads=num_heads, head_dim=head_dim))
 
 
 #: (gate, up) <-> a gated MLP's ``linear_fc1 = [gate; up]``.
-GATED_FC1: TransformPair = ((lambda t: [fuse_gated_fc1(*t)]), (lambda t: split_gated_fc1(*t)))
+GATED_FC1: TransformPair = _pair(lambda t: [fuse_gated_fc1(*t)], lambda t: split_gated_fc1(*t))
 
 
 def split_rows_transforms(parts: int) -> TransformPair:
@@ -182,12 +186,12 @@ def split_rows_transforms(parts: int) -> TransformPair:
             raise ValueError(f"expected {parts} equal row blocks, found shape {tuple(tensor.shape)}")
         return [block.contiguous() for block in torch.chunk(tensor, parts, dim=0)]
 
-    return split, (lambda t: [torch.cat(list(t), dim=0)])
+    return _pair(split, lambda t: [torch.cat(list(t), dim=0)])
 
 
 def unstack_transforms() -> TransformPair:
     """One stacked tensor ``[n, ...]`` (e.g. fused MoE experts) <-> ``n`` tensors ``[...]``."""
-    return (lambda t: [x.contiguous() for x in t[0].unbind(0)]), (lambda t: [torch.stack(list(t), dim=0)])
+    return _pair(lambda t: [x.contiguous() for x in t[0].unbind(0)], lambda t: [torch.stack(list(t), dim=0)])
 
 
 def chain(*pairs: TransformPair) -> TransformPair:
@@ -203,4 +207,6 @@ def chain(*pairs: TransformPair) -> TransformPair:
             tensors = fn(tensors)
         return tensors
 
+    if all(is_reindexing(fn) for pair in pairs for fn in pair):
+        return _pair(forward, inverse)
     return forward, inverse

@@ -1,0 +1,116 @@
+"""load_hf_dir at TP=2: each rank reads only its part of every TP-split tensor, also of those that are fused
+or reshaped on the way (q/k/v, gate/up, GPT-2's transposed Conv1D weights, T5's k/v), and gets HF's logits.
+
+What a rank reads is recorded under safetensors itself: ``safe_open`` is wrapped so that every
+``get_slice(key)[box]`` and ``get_tensor(key)`` adds the bytes it returns.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from megatron_core import parallel_state
+from megatron_core.dist_checkpointing.mapping import ShardedTensor
+from megatron_core.interop.description import build_model, describe
+from megatron_core.interop.hf_dir import HFDirectory, _blueprint_and_table, load_hf_dir
+from megatron_core.testing import run_distributed
+from tests.interop.test_hf_dir import _hf_model, hf_logits, ours_logits
+
+safetensors = pytest.importorskip("safetensors")
+
+TP = 2
+
+
+class _Recorded:
+    """A safe_open handle that adds the bytes of every tensor it returns to ``reads[key]``."""
+
+    def __init__(self, handle, reads: dict[str, int], whole: list[str]) -> None:
+        self._handle, self._reads, self._whole = handle, reads, whole
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.__exit__(*exc)
+
+    def keys(self):
+        return self._handle.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        tensor = self._handle.get_tensor(key)
+        self._whole.append(key)
+        self._reads[key] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def get_slice(self, key: str):
+        recorded = self
+
+        class _Slice:
+            def __init__(self, inner) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name):  # get_shape, get_dtype
+                return getattr(self._inner, name)
+
+            def __getitem__(self, box) -> torch.Tensor:
+                tensor = self._inner[box]
+                recorded._reads[key] += tensor.numel() * tensor.element_size()
+                return tensor
+
+        return _Slice(self._handle.get_slice(key))
+
+
+def _split_hf_keys(hf_dir: str) -> set[str]:
+    """The Hugging Face keys feeding a tensor of ours that is TP-split (built on meta at the current TP)."""
+    blueprint, table = _blueprint_and_table(HFDirectory(hf_dir), None)
+    with torch.device("meta"):
+        model = build_model(describe(blueprint))
+    split = set()
+    for key, leaf in model.sharded_state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        if not isinstance(leaf, ShardedTensor) or tuple(leaf.local_shape) != tuple(
+                leaf.global_shape[leaf.prepend_axis_num:]):
+            split.update(table.group(key, "to_hf").hf)
+    return split
+
+
+def _load_recording(family: str, hf_dir: str) -> tuple[torch.Tensor, dict[str, int], list[str], set[str], dict]:
+    parallel_state.initialize_model_parallel(TP)
+    reads: dict[str, int] = defaultdict(int)
+    whole: list[str] = []
+    real = safetensors.safe_open
+    safetensors.safe_open = lambda *a, **k: _Recorded(real(*a, **k), reads, whole)
+    try:
+        model = load_hf_dir(hf_dir)
+    finally:
+        safetensors.safe_open = real
+    sizes = {}
+    hf = HFDirectory(hf_dir)
+    for key in hf.weight_map:
+        shape = hf.shape(key)
+        sizes[key] = shape.numel() * torch.tensor([], dtype=hf.dtype).element_size()
+    return ours_logits(family, model), dict(reads), whole, _split_hf_keys(hf_dir), sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "qwen2_moe"])
+def test_load_hf_dir_reads_only_its_slices(family, tmp_path):
+    hf = _hf_model(family)
+    want = hf_logits(family, hf)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    results = run_distributed(_load_recording, TP, family, str(tmp_path / "hf"), tmp_dir=tmp_path)
+    split, sizes = results[0][3], results[0][4]
+    assert split, "no TP-split tensor: the test would prove nothing"
+    for rank, (logits, reads, whole, _, _) in enumerate(results):
+        torch.testing.assert_close(logits, want, rtol=0, atol=2e-5, msg=f"{family} load_hf_dir TP={TP} rank {rank}")
+        assert not [k for k in whole if k in split], f"rank {rank} read TP-split tensors whole: {whole}"
+        wrong = {k: (reads.get(k, 0), sizes[k]) for k in split if reads.get(k, 0) != sizes[k] // TP}
+        assert not wrong, f"rank {rank}: bytes read != 1/{TP} of the tensor (read, size): {wrong}"
+        split_read = sum(reads.get(k, 0) for k in split)
+        split_total = sum(sizes[k] for k in split)
+        print(f"[load_hf_dir reads] {family} rank {rank}: {split_read} of {split_total} bytes of TP-split tensors "
+              f"({split_read / split_total:.3f}); whole model read {sum(reads.values())} of {sum(sizes.values())}")
