@@ -176,7 +176,8 @@ def _grouped_items(hf: HFDirectory, table: KeyTable) -> Iterator[tuple[str, torc
                         yield alias.hf, tensor
 
 
-def _with_data(leaf: ShardedTensor | ShardedTensorFactory, tensor: torch.Tensor) -> Any:
+def with_data(leaf: ShardedTensor | ShardedTensorFactory, tensor: torch.Tensor) -> Any:
+    """``leaf`` (a layout leaf, e.g. built on meta) holding ``tensor``, ready for ``StreamingCheckpointWriter.add``."""
     if isinstance(leaf, ShardedTensorFactory):
         return dataclasses.replace(leaf, data=tensor)
     return dataclasses.replace(leaf, data=tensor, dtype=tensor.dtype)
@@ -204,7 +205,7 @@ def import_hf(hf_dir: str | Path, checkpoint_dir: str | Path, *, dtype: str | No
             if key not in layout:
                 raise HFInteropError(f"{hf.path}: converted key {key!r} is not a key of the model; the family's key "
                                      "table and model disagree")
-            writer.add({key: _with_data(layout.pop(key), tensor.to(target_dtype).contiguous())})
+            writer.add({key: with_data(layout.pop(key), tensor.to(target_dtype).contiguous())})
         left = sorted(k for k in layout if not k.endswith("_extra_state"))
         if left:
             raise HFInteropError(f"{hf.path}: the files gave no tensor for {left[:8]}; the directory does not match "

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
-from megatron_core import dist_checkpointing
+from megatron_core.dist_checkpointing.mapping import ShardedTensor
+from megatron_core.dist_checkpointing.streaming import StreamingCheckpointWriter
 from megatron_core.interop.description import DESCRIPTION_KEY, ModelDescription, build_model
+from megatron_core.interop.hf_dir import with_data
 from megatron_core.interop.torch_dist import TorchDistCheckpoint, TorchDistError
 
 logger = logging.getLogger(__name__)
@@ -50,13 +52,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def our_keys(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Our state-dict names and tensors for one stored Megatron-Core key (a stacked key gives one per layer)."""
+def our_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, int | None]]:
+    """Our names for one stored key of ``shape``, each with its layer index in the stacked tensor (None: as is)."""
     match = _STACKED.match(key)
     if match is None:
-        return [(key, tensor)]
+        return [(key, None)]
     rest = TE_NORM_NAMES.get(match.group(1), match.group(1))
-    return [(f"decoder.layers.{i}.{rest}", tensor[i]) for i in range(tensor.shape[0])]
+    return [(f"decoder.layers.{i}.{rest}", i) for i in range(shape[0])]
 
 
 def read_common_state(ckpt: TorchDistCheckpoint) -> dict[str, Any]:
@@ -138,9 +140,43 @@ def _describe(ckpt: TorchDistCheckpoint, common: dict[str, Any], config: str | P
                          "sections (see examples/alphabet_gpt.yaml)")
 
 
+def _full_shape(leaf: Any) -> tuple[int, ...]:
+    if isinstance(leaf, ShardedTensor):
+        return tuple(leaf.global_shape[leaf.prepend_axis_num:])
+    return tuple(leaf.data.shape)  # a factory at TP=1 holds the whole tensor
+
+
+def _plan(ckpt: TorchDistCheckpoint, layout: dict[str, Any]) -> list[tuple[str, int | None, str]]:
+    """(stored key, layer or None, our key) for every stored tensor; every problem found from shapes alone."""
+    plan: list[tuple[str, int | None, str]] = []
+    unmapped: list[str] = []
+    wrong: list[str] = []
+    for key in ckpt.tensor_keys:
+        shape = ckpt.shape(key)
+        for ours, layer in our_names(key, shape):
+            if ours not in layout:
+                unmapped.append(f"{key} -> {ours}")
+                continue
+            stored = shape if layer is None else shape[1:]
+            if stored != _full_shape(layout[ours]):
+                wrong.append(f"{ours}: stored {stored}, model {_full_shape(layout[ours])}")
+            plan.append((key, layer, ours))
+    missing = sorted(set(layout) - {ours for _, _, ours in plan})
+    if unmapped or missing:
+        raise TorchDistError(f"{ckpt.path}: cannot map the checkpoint onto the described model: "
+                             f"{len(unmapped)} stored key(s) with no place {unmapped[:12]}, {len(missing)} model key(s) "
+                             f"not stored {missing[:12]}. Fix: check --config (layers, biases, tying, spec)")
+    if wrong:
+        raise TorchDistError(f"{ckpt.path}: shapes disagree with the description: {wrong[:8]}. Fix: check --config")
+    return plan
+
+
 def import_mcore(source: str | Path, target: str | Path, *, config: str | Path | None = None,
                  overwrite: bool = False) -> ModelDescription:
     """Convert the ``torch_dist`` checkpoint ``source`` into our checkpoint ``target`` (TP=1, loads at any TP/PP).
+
+    Streams: one stored tensor (one layer of a layer-stacked key) is read, converted and written at a
+    time, so memory holds about the largest layer tensor, never the model.
 
     Raises:
         TorchDistError: unreadable checkpoint, no description, keys we cannot map (listed), or shapes that
@@ -148,28 +184,16 @@ def import_mcore(source: str | Path, target: str | Path, *, config: str | Path |
     """
     ckpt = TorchDistCheckpoint(resolve_checkpoint_dir(source))
     description = _describe(ckpt, read_common_state(ckpt), config)
-    model = build_model(description)
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    state: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    for key, tensor in ckpt.tensors():
-        for ours, value in our_keys(key, tensor):
-            (state.__setitem__(ours, value) if ours in expected else unmapped.append(f"{key} -> {ours}"))
-    missing = sorted(expected - set(state))
-    if unmapped or missing:
-        raise TorchDistError(f"{ckpt.path}: cannot map the checkpoint onto the described model: "
-                             f"{len(unmapped)} stored key(s) with no place {unmapped[:12]}, {len(missing)} model key(s) "
-                             f"not stored {missing[:12]}. Fix: check --config (layers, biases, tying, spec)")
-    own = model.state_dict()
-    wrong = [f"{k}: stored {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
-             if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        raise TorchDistError(f"{ckpt.path}: shapes disagree with the description: {wrong[:8]}. Fix: check --config")
-    model.load_state_dict(state, strict=False)
-    common = {DESCRIPTION_KEY: description.model_dump(mode="json"),
-              "source": {"format": "megatron-core torch_dist", "path": str(ckpt.path)}}
-    dist_checkpointing.save(model.sharded_state_dict(), str(target), common_state_dict=common, overwrite=overwrite,
-                            parallel_sizes={"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                                            "data_parallel_size": 1})
-    logger.info("imported %s -> %s (%d tensors)", ckpt.path, target, len(state))
+    with torch.device("meta"):  # every key's layout (TP=1), no memory
+        layout = {k: v for k, v in build_model(description).sharded_state_dict().items()
+                  if not k.endswith("_extra_state")}
+    plan = _plan(ckpt, layout)
+    dtype = description.transformer_config().torch_dtype
+    with StreamingCheckpointWriter(target, overwrite=overwrite) as writer:
+        for key, layer, ours in plan:
+            tensor = ckpt.tensor(key) if layer is None else ckpt.tensor(key, (slice(layer, layer + 1),))[0]
+            writer.add({ours: with_data(layout[ours], tensor.to(dtype).contiguous())})
+        writer.commit({DESCRIPTION_KEY: description.model_dump(mode="json"),
+                       "source": {"format": "megatron-core torch_dist", "path": str(ckpt.path)}})
+    logger.info("imported %s -> %s (%d tensors, streamed)", ckpt.path, target, len(plan))
     return description

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,9 @@ def _allowed() -> dict[tuple[str, str], Any]:
         _ALLOWED[("torch", "Size")] = torch.Size
         _ALLOWED[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
         _ALLOWED[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+        # StorageMeta.checkpoint_id of a plain torch.distributed.checkpoint.save (a path; building one runs no code)
+        for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+            _ALLOWED[("pathlib", name)] = getattr(pathlib, name)
     return _ALLOWED
 
 
@@ -128,20 +132,38 @@ class TorchDistCheckpoint:
             raise TorchDistError(f"{file}: truncated ({key} needs bytes {info.offset}..{info.offset + info.length})")
         return data
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """The global tensor ``key``, assembled from its stored chunks."""
+    def tensor(self, key: str, box: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """The global tensor ``key`` (or only its ``box``), assembled from the stored chunks it overlaps.
+
+        Chunks outside ``box`` are not read, so a layer of a layer-stacked key costs about one layer
+        (Megatron-Core stores each layer as its own chunk).
+        """
         meta = self.metadata.state_dict_metadata[key]
-        out = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        size = tuple(meta.size)
+        box = tuple(box or ()) + tuple(slice(0, n) for n in size[len(box or ()):])
+        lo = [b.start or 0 for b in box]
+        hi = [n if b.stop is None else b.stop for b, n in zip(box, size, strict=True)]
+        out = torch.empty([h - low for low, h in zip(lo, hi, strict=True)], dtype=meta.properties.dtype)
+        sizes = {tuple(c.offsets): tuple(c.sizes) for c in meta.chunks}
         covered = 0
         for index, info in self._items.get(key, []):
-            chunk = torch.load(io.BytesIO(self._read_item(key, info)), weights_only=True, map_location="cpu")
             offset = tuple(index.offset)
-            target = out[tuple(slice(o, o + s) for o, s in zip(offset, chunk.shape, strict=True))]
-            target.copy_(chunk)
-            covered += chunk.numel()
+            extent = sizes.get(offset)
+            if extent is not None and any(o >= h or o + e <= low for o, e, low, h in zip(offset, extent, lo, hi,
+                                                                                          strict=True)):
+                continue  # no overlap with the box: not read
+            chunk = torch.load(io.BytesIO(self._read_item(key, info)), weights_only=True, map_location="cpu")
+            cut = [(max(o, low), min(o + n, h)) for o, n, low, h in zip(offset, chunk.shape, lo, hi, strict=True)]
+            if any(a >= b for a, b in cut):
+                continue
+            part = chunk[tuple(slice(a - o, b - o) for (a, b), o in zip(cut, offset, strict=True))]
+            if part.shape == out.shape:
+                return part  # one chunk covers the box: no second copy
+            out[tuple(slice(a - low, b - low) for (a, b), low in zip(cut, lo, strict=True))].copy_(part)
+            covered += part.numel()
         if covered != out.numel():
-            raise TorchDistError(f"{self.path}: {key} has chunks covering {covered} of {out.numel()} elements; "
-                                 "the checkpoint is incomplete")
+            raise TorchDistError(f"{self.path}: {key} has chunks covering {covered} of {out.numel()} elements"
+                                 f"{' of the box ' + str(box) if box else ''}; the checkpoint is incomplete")
         return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
