@@ -29,7 +29,7 @@ from megatron_core.dist_checkpointing.direct_read import DirectReader
 from megatron_core.dist_checkpointing.errors import CheckpointingError, MissingChunkError
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict, ShardedTensor
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, read_metadata, torch_dtype
-from megatron_core.dist_checkpointing.planner import box_of, plan_reads
+from megatron_core.dist_checkpointing.planner import ShardIndex
 from megatron_core.dist_checkpointing.progress import Progress
 from megatron_core.dist_checkpointing.tensorstore_io import TensorReader, check_chunk_files
 from megatron_core.dist_checkpointing.torch_files import MISSING, read_common, read_object
@@ -142,8 +142,9 @@ def _read_all_into(path: Path, metadata: CheckpointMetadata, leaves: Sequence[tu
             record = metadata.tensors.get(leaf.key)
             if record is None:
                 continue  # missing key, tolerated by ``strict``
-            plan = plan_reads(leaf.global_offset, leaf.full_local_shape,
-                              [box_of(s.offset, s.shape) for s in record.shards])
+            shards = record.shards
+            plan = ShardIndex([s.offset for s in shards], [s.shape for s in shards]).plan(
+                leaf.global_offset, leaf.full_local_shape)
             padded = leaf.allow_shape_mismatch and tuple(record.global_shape) != tuple(leaf.global_shape)
             if plan.uncovered and not padded:
                 raise MissingChunkError(f"{leaf.key}: {str(path)!r} lists no shard for {plan.uncovered}; the "

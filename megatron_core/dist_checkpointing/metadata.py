@@ -26,6 +26,7 @@ from megatron_core.dist_checkpointing.errors import (
     IncompleteCheckpointError,
     UnsupportedFormatVersionError,
 )
+from megatron_core.dist_checkpointing.gc_pause import gc_paused
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,11 @@ def read_metadata(checkpoint_dir: str | os.PathLike[str]) -> CheckpointMetadata:
             "interrupted before it committed) or not a checkpoint at all. It cannot be loaded; "
             "use an earlier checkpoint."
         )
+    with gc_paused():  # a large checkpoint's table of contents: hundreds of thousands of small objects
+        return _parse(meta_path, path)
+
+
+def _parse(meta_path: Path, path: Path) -> CheckpointMetadata:
     raw = _read_checked_json(meta_path)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__

@@ -11,14 +11,16 @@ holds, that plan is reused without gathering or validating anything again. Any c
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.distributed import ProcessGroup
 
 from megatron_core.dist_checkpointing import comm
+from megatron_core.dist_checkpointing.gc_pause import gc_paused
 from megatron_core.dist_checkpointing.metadata import (
     OBJECTS_DIR,
     ShardRecord,
@@ -26,16 +28,36 @@ from megatron_core.dist_checkpointing.metadata import (
     storage_name,
     torch_dtype,
 )
-from megatron_core.dist_checkpointing.planner import box_of, choose_chunk_shape, choose_inner_chunk_shape
-from megatron_core.dist_checkpointing.validation import ShardDesc, validate_global
+from megatron_core.dist_checkpointing.planner import (
+    box_of,
+    choose_chunk_shape,
+    choose_inner_chunk_shape,
+    chunk_shape_of_grid,
+)
+from megatron_core.dist_checkpointing.validation import ShardDesc, Validated, summarize, validate_gathered
 
 ObjectPaths = dict[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...], int]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SavePlan:
+    """What every rank writes where. ``records`` hold the layout; their ``shards`` (the list of
+    every stored box, only needed in ``metadata.json``, which rank 0 writes) are filled in by
+    ``full_records`` on first use, off the planning path every rank waits for."""
+
     records: dict[str, TensorRecord]
     object_paths: ObjectPaths  # (key, offset) -> (relative file path, global shape, writing rank)
+    mains: dict[str, list[ShardDesc]] = field(default_factory=dict)  # keys whose records lack their shards
+    _full: dict[str, TensorRecord] | None = None
+
+    def full_records(self) -> dict[str, TensorRecord]:
+        """``records`` with every stored shard listed (built once per plan; the plan is cached)."""
+        if self._full is None:
+            with gc_paused():
+                self._full = {key: rec if key not in self.mains else rec.model_copy(update={"shards": [
+                    ShardRecord(offset=d.offset, shape=d.shape, rank=d.rank)
+                    for d in sorted(self.mains[key], key=_offset)]}) for key, rec in self.records.items()}
+        return self._full
 
 
 def digest(descs: Sequence[ShardDesc]) -> str:
@@ -64,9 +86,10 @@ class PlanCache:
         if self.plan_ is not None and all(g[1] == combined for g in gathered):
             self.hits += 1
             return self.plan_, prep, problems, unsafe
-        all_descs = [d for g in comm.all_gather_object(descs, group=group) for d in g]
-        problems += validate_global(all_descs)
-        plan = build_plan(all_descs) if not problems else SavePlan({}, {})
+        with gc_paused():  # hundreds of thousands of small objects: see gc_pause
+            validated = validate_gathered(comm.all_gather_object(summarize(descs, comm.rank()), group=group))
+            problems += validated.problems
+            plan = plan_validated(validated) if not problems else SavePlan({}, {})
         if not problems:
             self.key, self.plan_ = combined, plan
         else:
@@ -74,7 +97,15 @@ class PlanCache:
         return plan, prep, problems, unsafe
 
 
+def plan_validated(validated: Validated) -> SavePlan:
+    """The plan from validated main replicas (``validation.validate_gathered`` without problems)."""
+    objects = [d for group in validated.mains.values() for d in group if d.is_object]
+    tensors = {key: group for key, group in validated.mains.items() if group and not group[0].is_object}
+    return SavePlan(_records(tensors, validated.grids, with_shards=False), object_paths(objects), tensors)
+
+
 def build_plan(descs: Sequence[ShardDesc]) -> SavePlan:
+    """The plan of already validated descriptions (all ranks'), e.g. of a single process."""
     return SavePlan(tensor_records(descs), object_paths(descs))
 
 
@@ -84,24 +115,34 @@ def tensor_records(descs: Sequence[ShardDesc]) -> dict[str, TensorRecord]:
     for d in descs:
         if not d.is_object and d.main:
             mains.setdefault(d.key, []).append(d)
+    return _records(mains, {}, with_shards=True)
+
+
+def _records(mains: dict[str, list[ShardDesc]], grids: dict[str, list[list[int]]], with_shards: bool
+             ) -> dict[str, TensorRecord]:
     records = {}
     itemsizes: dict[str, int] = {}
     for key in sorted(mains):
-        shards = sorted(mains[key], key=lambda d: d.offset)
+        shards = mains[key]
         global_shape = shards[0].global_shape
-        boxes = [box_of(d.offset, d.shape) for d in shards]
-        chunk = choose_chunk_shape(global_shape, boxes)
+        cuts = grids.get(key)
+        chunk = (chunk_shape_of_grid(cuts) if cuts is not None
+                 else choose_chunk_shape(global_shape, [box_of(d.offset, d.shape) for d in shards]))
         split_axes = [a for a, (c, g) in enumerate(zip(chunk, global_shape, strict=True)) if c < g]
         dtype = str(shards[0].dtype)
         if dtype not in itemsizes:
             itemsizes[dtype] = torch.empty((), dtype=torch_dtype(dtype)).element_size()
-        records[key] = TensorRecord(
+        records[key] = TensorRecord.model_construct(
             path=storage_name(key), global_shape=global_shape, dtype=dtype, chunk_shape=chunk,
             inner_chunk_shape=choose_inner_chunk_shape(chunk, itemsizes[dtype], split_axes),
-            # model_construct: the values come typed from ShardDesc; validating 100k records costs seconds
-            shards=[ShardRecord.model_construct(offset=d.offset, shape=d.shape, rank=d.rank) for d in shards],
+            shards=[ShardRecord(offset=d.offset, shape=d.shape, rank=d.rank) for d in sorted(shards, key=_offset)]
+            if with_shards else [],
+            zarr_json_crc32c=None,
         )
     return records
+
+
+_offset = operator.attrgetter("offset")
 
 
 def object_paths(descs: Sequence[ShardDesc]) -> ObjectPaths:

@@ -158,7 +158,7 @@ class SaveJob:
         zarr_crcs = {key: crc for s in statuses for key, crc in s.zarr_json_crc.items()}
         # the plan's records may be cached for the next save: copies, not edits
         tensors = {key: rec.model_copy(update={"zarr_json_crc32c": zarr_crcs.get(key)})
-                   for key, rec in self.plan.records.items()}
+                   for key, rec in self.plan.full_records().items()}
         return CheckpointMetadata(
             world_size=len(statuses), parallel_sizes=self.parallel_sizes,
             common=CommonRecord(path=COMMON_FILE, weights_only=True, crc32c=common_crc)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +29,7 @@ from megatron_core.dist_checkpointing.errors import (
 )
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron_core.dist_checkpointing.metadata import CheckpointMetadata, dtype_name
-from megatron_core.dist_checkpointing.planner import Box, box_of, coverage
+from megatron_core.dist_checkpointing.planner import Box, box_of, coverage, grid_cuts
 
 logger = logging.getLogger(__name__)
 _MAX_LISTED = 100  # per key and kind of problem, to keep messages bounded
@@ -52,9 +53,11 @@ def fmt_box(box: Box) -> str:
     return "[" + ", ".join(f"{a}:{b}" for a, b in box) + "]"
 
 
-@dataclass(frozen=True)
-class ShardDesc:
-    """What one rank will write (or holds as a replica): enough to check the global tiling."""
+class ShardDesc(NamedTuple):
+    """What one rank will write (or holds as a replica): enough to check the global tiling.
+
+    A named tuple: hundreds of thousands of them are pickled, gathered and grouped at scale.
+    """
 
     key: str
     is_object: bool
@@ -64,6 +67,33 @@ class ShardDesc:
     shape: tuple[int, ...]
     main: bool
     rank: int
+
+
+#: What every holder of a key must agree on: (key, is_object, global shape, dtype).
+Signature = tuple[str, bool, tuple[int, ...], str | None]
+
+
+class RankShards(NamedTuple):
+    """One rank's part of the save's gather: its main replicas in full; of the other replicas only
+    what must agree across ranks (their boxes are never written, so never checked)."""
+
+    rank: int
+    mains: list[ShardDesc]
+    replicas: list[Signature]  # distinct
+
+
+def summarize(descs: Sequence[ShardDesc], rank: int) -> RankShards:
+    return RankShards(rank, [d for d in descs if d.main],
+                      list(dict.fromkeys((d.key, d.is_object, d.global_shape, d.dtype) for d in descs if not d.main)))
+
+
+@dataclass
+class Validated:
+    """The outcome of ``validate_gathered``: the problems, and what planning the layout reuses."""
+
+    problems: list[str]
+    mains: dict[str, list[ShardDesc]]  # key -> its main replicas, in gathered (rank) order
+    grids: dict[str, list[list[int]]]  # key -> cut points per axis, where the mains form an exact grid
 
 
 def describe_for_save(leaves: Sequence[ShardedTensor | ShardedObject], rank: int) -> tuple[list[ShardDesc], list[str]]:
@@ -101,29 +131,62 @@ def _listed(items: list[str]) -> list[str]:
 
 def validate_global(descs: Sequence[ShardDesc]) -> list[str]:
     """Every problem with the union of all ranks' shards: disagreements, gaps and overlaps."""
-    by_key: dict[str, list[ShardDesc]] = defaultdict(list)
+    by_rank: dict[int, list[ShardDesc]] = defaultdict(list)
     for d in descs:
-        by_key[d.key].append(d)
-    problems: list[str] = []
-    for key in sorted(by_key):
-        group = by_key[key]
-        if len({d.is_object for d in group}) > 1:
-            problems.append(f"{key}: used both as a ShardedTensor and as a ShardedObject")
+        by_rank[d.rank].append(d)
+    return validate_gathered([summarize(ds, r) for r, ds in sorted(by_rank.items())]).problems
+
+
+def validate_gathered(gathered: Sequence[RankShards]) -> Validated:
+    """``validate_global`` on what the ranks gathered (``summarize``), keeping what the layout needs.
+
+    Linear in the number of main replicas plus replica signatures: the usual layouts (a grid per
+    key) are recognised without building boxes; anything else gets the exact check.
+    """
+    mains: dict[str, list[ShardDesc]] = defaultdict(list)
+    replicas: dict[str, list[tuple[Signature, int]]] = defaultdict(list)
+    for part in gathered:
+        for d in part.mains:
+            mains[d.key].append(d)
+        for sig in part.replicas:
+            replicas[sig[0]].append((sig, part.rank))
+    out = Validated([], {}, {})
+    for key in sorted(mains.keys() | replicas.keys()):
+        group = mains.get(key, [])
+        sigs = {(key, d.is_object, d.global_shape, d.dtype) for d in group}
+        sigs.update(sig for sig, _ in replicas.get(key, ()))
+        if len(sigs) > 1:
+            holders = [(d.is_object, d.global_shape, d.dtype, d.rank) for d in group]
+            holders += [(sig[1], sig[2], sig[3], rank) for sig, rank in replicas[key]]
+            fatal, found = _disagreements(key, holders)
+            out.problems += found
+            if fatal:
+                continue
+        _, is_object, global_shape, _ = next(iter(sigs))
+        out.mains[key] = group
+        if is_object:
+            out.problems += _object_tiling(key, global_shape, group)
             continue
-        shapes = sorted({d.global_shape for d in group})
-        if len(shapes) > 1:
-            problems.append(f"{key}: ranks disagree on the global shape: "
-                            + "; ".join(f"{s} on ranks {sorted({d.rank for d in group if d.global_shape == s})}"
-                                        for s in shapes))
-            continue
-        dtypes = sorted({str(d.dtype) for d in group})
-        if len(dtypes) > 1:
-            problems.append(f"{key}: ranks disagree on the dtype: "
-                            + "; ".join(f"{t} on ranks {sorted({d.rank for d in group if str(d.dtype) == t})}"
-                                        for t in dtypes))
-        mains = [d for d in group if d.main]
-        problems += _object_tiling(key, shapes[0], mains) if group[0].is_object else _tensor_tiling(key, shapes[0], mains)
-    return problems
+        cuts = grid_cuts(global_shape, [d.offset for d in group], [d.shape for d in group])
+        if cuts is None:
+            out.problems += _tensor_tiling(key, global_shape, group)
+        else:
+            out.grids[key] = cuts
+    return out
+
+
+def _disagreements(key: str, holders: list[tuple[bool, tuple[int, ...], str | None, int]]) -> tuple[bool, list[str]]:
+    """Messages for ranks that disagree on a key (is_object, global_shape, dtype, rank per holder);
+    True when the key cannot be checked further."""
+    if len({h[0] for h in holders}) > 1:
+        return True, [f"{key}: used both as a ShardedTensor and as a ShardedObject"]
+    shapes = sorted({h[1] for h in holders})
+    if len(shapes) > 1:
+        return True, [f"{key}: ranks disagree on the global shape: "
+                      + "; ".join(f"{s} on ranks {sorted({h[3] for h in holders if h[1] == s})}" for s in shapes)]
+    dtypes = sorted({str(h[2]) for h in holders})
+    return False, [f"{key}: ranks disagree on the dtype: "
+                   + "; ".join(f"{t} on ranks {sorted({h[3] for h in holders if str(h[2]) == t})}" for t in dtypes)]
 
 
 def _tensor_tiling(key: str, global_shape: tuple[int, ...], mains: list[ShardDesc]) -> list[str]:

@@ -9,11 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_core.dist_checkpointing.planner import (
+    ShardIndex,
     box_of,
     choose_chunk_shape,
     choose_inner_chunk_shape,
+    chunk_shape_of_grid,
     chunks_of_box,
     coverage,
+    grid_cuts,
     plan_reads,
 )
 
@@ -140,3 +143,64 @@ def test_grid_fast_path_never_hides_a_problem():
     assert not _is_grid_tiling(region, spanning) and coverage(region, spanning).overlaps
     outside = [((0, 4), (0, 3)), ((0, 4), (3, 6)), ((4, 8), (0, 3)), ((4, 9), (3, 6))]
     assert not _is_grid_tiling(region, outside)
+
+
+@st.composite
+def perturbed_boxes(draw: st.DrawFn) -> tuple[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """A grid sharding, sometimes damaged: a shard dropped, doubled, grown, shrunk or moved."""
+    shape, shards = draw(sharded_tensor())
+    shards = list(shards)
+    kind = draw(st.sampled_from(["none", "drop", "double", "grow", "shrink", "move", "swap_extent"]))
+    i = draw(st.integers(0, len(shards) - 1))
+    axis = draw(st.integers(0, len(shape) - 1))
+    offset, extent = shards[i]
+    bump = lambda t, d: tuple(v + d if a == axis else v for a, v in enumerate(t))  # noqa: E731
+    if kind == "drop":
+        del shards[i]
+    elif kind == "double":
+        shards.append(shards[i])
+    elif kind == "grow":
+        shards[i] = (offset, bump(extent, 1))
+    elif kind == "shrink" and extent[axis] > 1:
+        shards[i] = (offset, bump(extent, -1))
+    elif kind == "move":
+        shards[i] = (bump(offset, draw(st.sampled_from([-1, 1]))), extent)
+    elif kind == "swap_extent" and len(shards) > 1:
+        j = draw(st.integers(0, len(shards) - 1))
+        shards[i], shards[j] = (offset, shards[j][1]), (shards[j][0], extent)
+    return shape, shards
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=perturbed_boxes())
+def test_grid_cuts_agree_with_the_exact_coverage(case) -> None:
+    """The save's fast tiling check: a grid only when the exact computation finds nothing wrong,
+    and then the same chunk shape; every clean parallel layout is recognised."""
+    shape, shards = case
+    boxes = [box_of(o, s) for o, s in shards]
+    cov = coverage(box_of((0,) * len(shape), shape), boxes)
+    cuts = grid_cuts(shape, [o for o, _ in shards], [s for _, s in shards])
+    if cuts is not None:
+        assert cov.gaps == [] and cov.overlaps == []
+        assert chunk_shape_of_grid(cuts) == choose_chunk_shape(shape, boxes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_clean_grids_are_recognised(data: st.DataObject) -> None:
+    shape, shards = data.draw(sharded_tensor())
+    shards = data.draw(st.permutations(shards))
+    assert grid_cuts(shape, [o for o, _ in shards], [s for _, s in shards]) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_shard_index_plans_exactly_what_a_scan_of_all_shards_plans(data: st.DataObject) -> None:
+    shape, shards = data.draw(perturbed_boxes())
+    shards = data.draw(st.permutations(shards))
+    offset, extent = data.draw(request_box(shape))
+    full = plan_reads(offset, extent, [box_of(o, s) for o, s in shards])
+    indexed = ShardIndex([o for o, _ in shards], [s for _, s in shards]).plan(offset, extent)
+    key = lambda item: (item.shard_index, item.global_box)  # noqa: E731
+    assert sorted(indexed.items, key=key) == sorted(full.items, key=key)
+    assert sorted(indexed.uncovered) == sorted(full.uncovered)
