@@ -44,6 +44,11 @@ def _hf_model(family: str) -> torch.nn.Module:
                                                                moe_intermediate_size=16, num_experts=4,
                                                                shared_expert_intermediate_size=24, num_experts_per_tok=2,
                                                                vocab_size=VOCAB, max_position_embeddings=16)),
+        "qwen3_moe": (t.Qwen3MoeForCausalLM, t.Qwen3MoeConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                                               num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                                                               moe_intermediate_size=16, num_experts=4,
+                                                               num_experts_per_tok=2, norm_topk_prob=True,
+                                                               vocab_size=VOCAB, max_position_embeddings=16)),
         "t5": (t.T5ForConditionalGeneration, t.T5Config(num_layers=2, d_model=32, d_kv=8, d_ff=48, num_heads=4,
                                                         vocab_size=VOCAB, dropout_rate=0.0,
                                                         relative_attention_num_buckets=8,
@@ -104,7 +109,7 @@ def _safetensors(directory) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "bert", "t5", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "bert", "t5", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_hf_directory_round_trip(family, tmp_path):
     hf = _hf_model(family)
     want = hf_logits(family, hf)
