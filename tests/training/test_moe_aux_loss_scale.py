@@ -75,11 +75,11 @@ def _reference(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _trainer_rank(ep: int, batches: list[dict[str, torch.Tensor]], ref_path: str) -> dict:
+def _trainer_rank(ep: int, grouped: bool, batches: list[dict[str, torch.Tensor]], ref_path: str) -> dict:
     expected = torch.load(ref_path, weights_only=True)
     ps.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
     torch.manual_seed(0)
-    model = build_moe_gpt(moe_config(ep=ep, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z))
+    model = build_moe_gpt(moe_config(ep=ep, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z), grouped=grouped)
     settings = TrainingSettings(train_iters=1, micro_batch_size=BATCH, grad_accum_steps=MICRO, lr=1e-3,
                                 warmup_iters=0, clip_grad=0.0, weight_decay=0.0, progress_bar=False, device="cpu")
     trainer = Trainer(model, settings, [])  # type: ignore[arg-type]
@@ -94,11 +94,11 @@ def _trainer_rank(ep: int, batches: list[dict[str, torch.Tensor]], ref_path: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep", [1, 2])
-def test_trainer_gradients_equal_explicit_objective(tmp_path, ep):
+@pytest.mark.parametrize("ep,grouped", [(1, False), (2, False), (2, True)])
+def test_trainer_gradients_equal_explicit_objective(tmp_path, ep, grouped):
     batches = _batches()
     torch.save(_reference(batches), tmp_path / "ref.pt")
-    for rank in run_distributed(_trainer_rank, DP, ep, batches, str(tmp_path / "ref.pt"), tmp_dir=tmp_path):
+    for rank in run_distributed(_trainer_rank, DP, ep, grouped, batches, str(tmp_path / "ref.pt"), tmp_dir=tmp_path):
         assert rank["scales"] == [1.0, 1.0]  # restored after the step
         bad = {k: v for k, v in rank["errors"].items() if v > 1.0}
         assert not bad, bad

@@ -6,10 +6,13 @@ that are multiples of 16 bytes; when a width is not (or the op is missing), the 
 loop of matmuls over the experts. No biases (as Megatron-Core's ``GroupedMLP``).
 
 The parameters are ``SequentialMLP``'s (one ``MLP`` per expert, same names, init, sharded state dict
-and optimizer entries); the forward stacks the experts' ``linear_fc1.weight`` / ``linear_fc2.weight``
-into ``[n_local, out, in]`` (a weight-sized copy per step) and runs one grouped GEMM per projection.
-So the two expert modules load each other's state dicts and checkpoints, and the Megatron-Core
-fixture loads into both.
+and optimizer entries), so the two expert modules load each other's state dicts and checkpoints, and
+the Megatron-Core fixture loads into both. To avoid copying them into a stacked ``[n_local, out, in]``
+tensor every step, their storage is packed: each projection's expert weights are views of one
+contiguous ``[n_local, out, in]`` tensor (at construction and after ``.to()``), and the forward takes
+that tensor as a zero-copy view (:class:`_StackAdjacent`; its backward hands each expert its slice of
+the gradient). When something has moved a weight elsewhere (e.g. a flat buffer of the distributed
+optimizer), the forward falls back to ``torch.stack`` (same values, one copy).
 """
 
 from __future__ import annotations
@@ -41,6 +44,50 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+class _StackAdjacent(torch.autograd.Function):
+    """``torch.stack(weights)`` without a copy, for weights already adjacent in one storage."""
+
+    @staticmethod
+    def forward(ctx: Any, *weights: torch.Tensor) -> torch.Tensor:
+        first = weights[0]
+        stacked = first.new_empty(0)
+        return stacked.set_(first.untyped_storage(), first.storage_offset(), (len(weights), *first.shape),
+                            (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return grad.unbind(0)
+
+
+def _adjacent(weights: list[torch.Tensor]) -> bool:
+    """Whether ``weights`` are contiguous, of one shape and dtype, back to back in one storage, in order."""
+    first = weights[0]
+    if not first.is_contiguous():
+        return False
+    ptr, numel = first.untyped_storage().data_ptr(), first.numel()
+    return all(w.is_contiguous() and w.shape == first.shape and w.dtype == first.dtype
+               and w.untyped_storage().data_ptr() == ptr and w.storage_offset() == first.storage_offset() + i * numel
+               for i, w in enumerate(weights))
+
+
+def stack_weights(weights: list[torch.Tensor]) -> torch.Tensor:
+    """``[n, out, in]`` from ``n`` weights ``[out, in]``: a view when they are packed, else a copy."""
+    if _adjacent(weights):
+        return _StackAdjacent.apply(*weights)
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def pack_weights(weights: list[torch.nn.Parameter]) -> None:
+    """Make ``weights`` (same shape, dtype, device) views of one contiguous ``[n, out, in]`` tensor,
+    keeping each ``Parameter`` object (optimizer entries, hooks and names are unchanged)."""
+    if len(weights) == 0 or _adjacent(list(weights)):
+        return
+    packed = torch.stack([w.detach() for w in weights])
+    for e, w in enumerate(weights):
+        w.data = packed[e]
 
 
 def _aligned(x: torch.Tensor, *widths: int) -> bool:
@@ -79,6 +126,17 @@ class GroupedMLP(SequentialMLP):
         self.gated = bool(config.gated_linear_unit)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_size = parallel_state.group_world_size(self.tp_group)
+        self._pack()
+
+    def _pack(self) -> None:
+        pack_weights([e.linear_fc1.weight for e in self.local_experts])
+        pack_weights([e.linear_fc2.weight for e in self.local_experts])
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GroupedMLP:
+        # .to() / .cuda() / .float() give every parameter new storage: pack again.
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
 
     def _activate(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -91,9 +149,9 @@ class GroupedMLP(SequentialMLP):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs."""
         counts = [int(c) for c in tokens_per_expert.tolist()]
-        # [n_local, fc1/tp, h] and [n_local, h, ffn/tp]: a copy per step, small next to the GEMMs
-        weight1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        weight2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        # [n_local, fc1/tp, h] and [n_local, h, ffn/tp]: views of the packed weights (no copy)
+        weight1 = stack_weights([e.linear_fc1.weight for e in self.local_experts])
+        weight2 = stack_weights([e.linear_fc2.weight for e in self.local_experts])
         x = copy_to_tensor_model_parallel_region(permuted_tokens, self.tp_group) if self.tp_size > 1 \
             else permuted_tokens
         intermediate = grouped_matmul(x, weight1, counts)  # [N, fc1/tp]
