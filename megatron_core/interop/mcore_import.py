@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from megatron_core.dist_checkpointing.mapping import ShardedTensor
 from megatron_core.dist_checkpointing.streaming import StreamingCheckpointWriter
 from megatron_core.interop.description import DESCRIPTION_KEY, ModelDescription, build_model
 from megatron_core.interop.hf_dir import with_data
-from megatron_core.interop.torch_dist import TorchDistCheckpoint, TorchDistError
+from megatron_core.interop.mcore_args import description_from_args
+from megatron_core.interop.torch_dist import TorchDistCheckpoint, TorchDistError, load_archive
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +54,45 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def our_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, int | None]]:
-    """Our names for one stored key of ``shape``, each with its layer index in the stacked tensor (None: as is)."""
+#: Megatron-Core's expert keys (after the layer axis): all experts in one key with an expert axis (SequentialMLP
+#: and TEGroupedMLP alike), or one key per expert when saved with ``singleton_local_shards`` (either naming).
+_EXPERTS = re.compile(r"^mlp\.experts\.experts\.(linear_fc[12]\.(?:weight|bias))$")
+_ONE_EXPERT = re.compile(r"^mlp\.experts\.experts\.(?:(\d+)\.(linear_fc[12]\.(?:weight|bias))|"
+                         r"(linear_fc[12]\.(?:weight|bias))(\d+))$")
+
+
+def our_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """Our names for one stored key of ``shape``, each with its index into the stored tensor (() = all of it).
+
+    A layer-stacked key gives one name per layer (index ``(layer,)``); its experts key one per layer
+    and expert (index ``(layer, expert)``: Megatron-Core puts the expert axis after the layer axis).
+    """
     match = _STACKED.match(key)
     if match is None:
-        return [(key, None)]
+        return [(key, ())]
     rest = TE_NORM_NAMES.get(match.group(1), match.group(1))
-    return [(f"decoder.layers.{i}.{rest}", i) for i in range(shape[0])]
+    layers = range(shape[0])
+    experts = _EXPERTS.match(rest)
+    if experts is not None:
+        return [(f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{experts.group(1)}", (i, e))
+                for i in layers for e in range(shape[1])]
+    one = _ONE_EXPERT.match(rest)
+    if one is not None:
+        expert, name = (one.group(1), one.group(2)) if one.group(1) is not None else (one.group(4), one.group(3))
+        rest = f"mlp.experts.local_experts.{int(expert)}.{name}"
+    return [(f"decoder.layers.{i}.{rest}", (i,)) for i in layers]
 
 
 def read_common_state(ckpt: TorchDistCheckpoint) -> dict[str, Any]:
     """Megatron-Core's common state: the ``common_state`` byte object (0.19) or an older ``common.pt``."""
     keys = [k for k in ckpt.byte_keys if k.startswith("common_state/")]
+    # Megatron-LM's args hold enums of Megatron-Core (read as stand-ins) and signal.Signals (an enum: safe)
+    admit = {"safe_globals": (argparse.Namespace, signal.Signals), "stub_modules": ("megatron.",)}
     try:
         if keys:
-            state = ckpt.object(keys[0], safe_globals=(argparse.Namespace,))
+            state = ckpt.object(keys[0], **admit)  # type: ignore[arg-type]
         elif (ckpt.path / "common.pt").is_file():
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                state = torch.load(ckpt.path / "common.pt", weights_only=True, map_location="cpu")
+            state = load_archive((ckpt.path / "common.pt").read_bytes(), **admit)  # type: ignore[arg-type]
         else:
             return {}
     except Exception as err:  # weights_only refused a class: we run no code from the checkpoint
@@ -78,34 +101,6 @@ def read_common_state(ckpt: TorchDistCheckpoint) -> dict[str, Any]:
     if isinstance(state, list) and len(state) == 1:
         state = state[0]
     return state if isinstance(state, dict) else {}
-
-
-def description_from_args(args: dict[str, Any], vocab_size: int) -> ModelDescription:
-    """A description from Megatron-LM's stored arguments (``common["args"]``)."""
-    gated = bool(args.get("swiglu"))
-    config: dict[str, Any] = {
-        "num_layers": args["num_layers"], "hidden_size": args["hidden_size"],
-        "num_attention_heads": args["num_attention_heads"], "ffn_hidden_size": args.get("ffn_hidden_size"),
-        "kv_channels": args.get("kv_channels"),
-        "num_query_groups": args.get("num_query_groups") if args.get("group_query_attention") else None,
-        "normalization": args.get("normalization", "LayerNorm"),
-        "layernorm_epsilon": args.get("norm_epsilon", 1e-5),
-        "add_bias_linear": args.get("add_bias_linear", True), "add_qkv_bias": args.get("add_qkv_bias", False),
-        "activation_func": "swiglu" if gated else ("squared_relu" if args.get("squared_relu") else "gelu"),
-        "qk_layernorm": args.get("qk_layernorm", False),
-        "apply_residual_connection_post_layernorm": args.get("apply_residual_connection_post_layernorm", False),
-        "init_method_std": args.get("init_method_std", 0.02),
-        "hidden_dropout": 0.0, "attention_dropout": 0.0,
-    }
-    position = args.get("position_embedding_type", "learned_absolute")
-    kwargs: dict[str, Any] = {
-        "vocab_size": vocab_size, "max_sequence_length": args.get("max_position_embeddings") or args["seq_length"],
-        "position_embedding_type": position,
-        "share_embeddings_and_output_weights": not args.get("untie_embeddings_and_output_weights", False),
-    }
-    if position == "rope":
-        kwargs.update(rotary_base=args.get("rotary_base", 10000), rotary_percent=args.get("rotary_percent", 1.0))
-    return ModelDescription(config={k: v for k, v in config.items() if v is not None}, model_kwargs=kwargs)
 
 
 def description_from_run_yaml(path: str | Path, ckpt: TorchDistCheckpoint) -> ModelDescription:
@@ -146,21 +141,21 @@ def _full_shape(leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.data.shape)  # a factory at TP=1 holds the whole tensor
 
 
-def _plan(ckpt: TorchDistCheckpoint, layout: dict[str, Any]) -> list[tuple[str, int | None, str]]:
-    """(stored key, layer or None, our key) for every stored tensor; every problem found from shapes alone."""
-    plan: list[tuple[str, int | None, str]] = []
+def _plan(ckpt: TorchDistCheckpoint, layout: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(stored key, index into it, our key) for every stored tensor; every problem found from shapes alone."""
+    plan: list[tuple[str, tuple[int, ...], str]] = []
     unmapped: list[str] = []
     wrong: list[str] = []
     for key in ckpt.tensor_keys:
         shape = ckpt.shape(key)
-        for ours, layer in our_names(key, shape):
+        for ours, index in our_names(key, shape):
             if ours not in layout:
                 unmapped.append(f"{key} -> {ours}")
                 continue
-            stored = shape if layer is None else shape[1:]
+            stored = shape[len(index):]
             if stored != _full_shape(layout[ours]):
                 wrong.append(f"{ours}: stored {stored}, model {_full_shape(layout[ours])}")
-            plan.append((key, layer, ours))
+            plan.append((key, index, ours))
     missing = sorted(set(layout) - {ours for _, _, ours in plan})
     if unmapped or missing:
         raise TorchDistError(f"{ckpt.path}: cannot map the checkpoint onto the described model: "
@@ -190,8 +185,8 @@ def import_mcore(source: str | Path, target: str | Path, *, config: str | Path |
     plan = _plan(ckpt, layout)
     dtype = description.transformer_config().torch_dtype
     with StreamingCheckpointWriter(target, overwrite=overwrite) as writer:
-        for key, layer, ours in plan:
-            tensor = ckpt.tensor(key) if layer is None else ckpt.tensor(key, (slice(layer, layer + 1),))[0]
+        for key, index, ours in plan:
+            tensor = ckpt.tensor(key, tuple(slice(i, i + 1) for i in index))[(0,) * len(index)]
             writer.add({ours: with_data(layout[ours], tensor.to(dtype).contiguous())})
         writer.commit({DESCRIPTION_KEY: description.model_dump(mode="json"),
                        "source": {"format": "megatron-core torch_dist", "path": str(ckpt.path)}})

@@ -19,6 +19,8 @@ import io
 import json
 import pathlib
 import pickle
+import pickletools
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,11 +173,63 @@ class TorchDistCheckpoint:
         for key in self.tensor_keys:
             yield key, self.tensor(key)
 
-    def object(self, key: str, safe_globals: tuple[Any, ...] = ()) -> Any:
-        """A byte object (a ``torch.save`` archive) loaded with ``weights_only=True`` (+ ``safe_globals``)."""
+    def object(self, key: str, safe_globals: tuple[Any, ...] = (), stub_modules: tuple[str, ...] = ()) -> Any:
+        """A byte object (a ``torch.save`` archive) loaded with ``weights_only=True``; see :func:`load_archive`."""
         items = self._items.get(key, [])
         if len(items) != 1:
             raise TorchDistError(f"{self.path}: byte object {key} has {len(items)} stored items, expected 1")
-        data = self._read_item(key, items[0][1])
-        with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        return load_archive(self._read_item(key, items[0][1]), safe_globals, stub_modules)
+
+
+class OpaqueObject:
+    """Stands in for an object of a class we do not import (e.g. a Megatron-Core enum in Megatron-LM's ``args``).
+
+    Unpickling one records what the pickle passed (an enum's value, an object's state) and runs nothing.
+
+    Attributes:
+        args: the constructor arguments the pickle gave (an enum member: its value).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    @property
+    def value(self) -> Any:
+        return self.args[0] if len(self.args) == 1 else self.args
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} {self.args!r}>"
+
+
+def pickle_globals(data: bytes) -> set[str]:
+    """``module.Name`` of every global the pickle inside a ``torch.save`` archive names (read, never run)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+        if name is None:
+            return set()
+        program = archive.read(name)
+    found: set[str] = set()
+    strings: list[str] = []
+    for op, arg, _ in pickletools.genops(program):
+        if op.name == "GLOBAL":
+            found.add(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.add(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def load_archive(data: bytes, safe_globals: tuple[Any, ...] = (), stub_modules: tuple[str, ...] = ()) -> Any:
+    """``torch.load(weights_only=True)`` of an archive's bytes, admitting ``safe_globals`` too.
+
+    Classes under ``stub_modules`` (e.g. ``"megatron."``, which we never import) are read as
+    :class:`OpaqueObject` stand-ins, so the rest of the object (Megatron-LM's ``args``) still loads.
+    """
+    allowed: list[Any] = list(safe_globals)
+    for name in sorted(pickle_globals(data)) if stub_modules else []:
+        if name.startswith(stub_modules):
+            module, _, qualname = name.rpartition(".")
+            allowed.append((type(qualname, (OpaqueObject,), {"__module__": module}), name))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
