@@ -61,10 +61,6 @@ def validate_moe(config: TransformerConfig) -> None:
         raise _fail("num_moe_experts", experts,
                     f"not divisible by expert_model_parallel_size={ep}: each expert-parallel rank holds the "
                     "same number of experts", f"use an expert_model_parallel_size that divides {experts}")
-    if config.sequence_parallel:
-        raise _fail("sequence_parallel", True,
-                    "mixture-of-experts layers do not support sequence parallelism yet (the experts' linears would "
-                    "gather the sequence a second time)", "set sequence_parallel=False for MoE models")
     _validate_router(config, experts)
     _validate_sizes(config)
     _validate_layer_freq(config)

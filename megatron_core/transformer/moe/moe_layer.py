@@ -8,6 +8,17 @@ custom router or expert module is one line in a spec and is checked against ``Ro
 Expert parallelism: ``num_moe_experts / expert_model_parallel_size`` experts live on each rank
 (global experts ``ep_rank * n_local ... + n_local - 1``); the dispatcher
 (``config.moe_token_dispatcher_type``) moves the tokens.
+
+Sequence parallelism (TP > 1): the layer's input is this TP rank's sequence chunk ``[s/tp, b, h]``.
+The layer all-gathers the sequence over TP once, then routes, dispatches and runs the experts (and
+the shared expert) exactly as without sequence parallelism: every TP rank holds the same tokens and
+the experts' TP-split linears do their usual input copy / output all-reduce; it returns this rank's
+chunk of the (replicated) output. The submodules are built with ``sequence_parallel=False`` so that
+their linears do not gather a second time. Backward: the gather keeps this rank's slice of the
+(complete, replicated) input gradient and the chunking all-gathers the output gradient. Routing,
+capacity and the aux losses therefore see the whole sequence, as at TP=1. (Megatron-Core instead
+routes each rank's own tokens and reduce-scatters the experts' partial outputs; this layout trades
+that for one code path and identical routing at every TP/SP layout.)
 """
 
 from __future__ import annotations
@@ -20,6 +31,10 @@ import torch
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
+from megatron_core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron_core.transformer.moe.experts import ExpertsBuilder
 from megatron_core.transformer.moe.router import RouterBuilder
 from megatron_core.transformer.moe.token_dispatcher import (
@@ -60,20 +75,27 @@ class MoELayer(MegatronModule):
         self.num_local_experts = config.num_moe_experts // ep_size
         offset = parallel_state.get_expert_model_parallel_rank() * self.num_local_experts
         self.local_expert_indices = list(range(offset, offset + self.num_local_experts))
-        self.router = build_module(submodules.router, config=config)
-        self.experts = build_module(submodules.experts, self.num_local_experts, config=config)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.sequence_parallel = bool(config.sequence_parallel) and parallel_state.group_world_size(self.tp_group) > 1
+        # The sequence is gathered once here: the submodules see whole sequences (see the module docstring).
+        inner = config.model_copy(update={"sequence_parallel": False}) if config.sequence_parallel else config
+        self.router = build_module(submodules.router, config=inner)
+        self.experts = build_module(submodules.experts, self.num_local_experts, config=inner)
         self.shared_experts: torch.nn.Module | None = None
         # As in Megatron-Core the spec always names a shared expert; the config decides whether there is one.
         if submodules.shared_experts is not None and config.moe_shared_expert_intermediate_size is not None:
-            self.shared_experts = build_module(submodules.shared_experts, config=config)
+            self.shared_experts = build_module(submodules.shared_experts, config=inner)
         dispatcher_cls = {"allgather": MoEAllGatherTokenDispatcher,
                           "alltoall": MoEAlltoAllTokenDispatcher}[config.moe_token_dispatcher_type]
         self.token_dispatcher: MoETokenDispatcher = dispatcher_cls(
-            self.num_local_experts, self.local_expert_indices, config
+            self.num_local_experts, self.local_expert_indices, inner
         )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """``[s, b, h]`` -> ``([s, b, h], None)``."""
+        """``[s, b, h]`` -> ``([s, b, h], None)`` (``[s/tp, b, h]`` in and out with sequence parallelism)."""
+        if self.sequence_parallel:
+            # [s/tp, b, h] -> [s, b, h]; backward keeps this rank's slice of the replicated gradient
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, False, self.tp_group)
         seq, batch, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # [s*b, h], Megatron's token order
         if hasattr(self.router, "batch_size"):
@@ -87,7 +109,10 @@ class MoELayer(MegatronModule):
         if self.shared_experts is not None:
             shared, _ = self.shared_experts(tokens)
             output = output + shared
-        return output.view(seq, batch, hidden), None
+        output = output.view(seq, batch, hidden)
+        if self.sequence_parallel:
+            output = scatter_to_sequence_parallel_region(output, self.tp_group)  # [s, b, h] -> [s/tp, b, h]
+        return output, None
 
     def extra_repr(self) -> str:
         return (f"experts={self.config.num_moe_experts}, local={self.local_expert_indices}, "

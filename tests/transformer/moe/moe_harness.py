@@ -37,7 +37,8 @@ def build_moe_gpt(config: TransformerConfig, grouped: bool = False) -> GPTModel:
     spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts,
                                     moe_grouped_gemm=grouped or config.moe_grouped_gemm)
     return GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False, parallel_output=False,
+                    share_embeddings_and_output_weights=False,
+                    parallel_output=config.sequence_parallel,  # SP keeps the vocab split: gather_logits()
                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
@@ -54,6 +55,16 @@ def run_step(model: GPTModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     loss = model(batch["tokens"], position_ids, None, labels=batch["labels"]).mean()
     loss.backward()
     return logits.detach(), loss.detach()
+
+
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Vocab-split logits ``[b, s, V/tp]`` -> ``[b, s, V]`` (the identity at TP=1)."""
+    group = ps.get_tensor_model_parallel_group()
+    if ps.group_world_size(group) == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(ps.group_world_size(group))]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
 
 
 def local_slice(full: torch.Tensor, entry: Any) -> torch.Tensor:

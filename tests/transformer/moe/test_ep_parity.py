@@ -14,8 +14,10 @@ import torch
 
 from megatron_core import parallel_state as ps
 from megatron_core.testing import run_distributed
+from megatron_core.transformer.utils import allreduce_tp_partial_grads
 from tests.transformer.moe.moe_harness import (
     build_moe_gpt,
+    gather_logits,
     is_expert_key,
     local_slice,
     make_batches,
@@ -29,6 +31,7 @@ WORLD = 4
 
 def _reference(overrides: dict) -> dict:
     torch.manual_seed(0)
+    overrides = {k: v for k, v in overrides.items() if k != "sequence_parallel"}  # one process: no TP to split over
     model = build_moe_gpt(moe_config(**overrides))
     batches = make_batches(WORLD)
     out: dict = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "batches": batches,
@@ -52,6 +55,9 @@ def _ep_rank(tp: int, ep: int, overrides: dict, ref_path: str) -> dict:
                       for p, e in entries.values())
     d, k = ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank()
     logits, loss = run_step(model, ref["batches"][d])
+    if overrides.get("sequence_parallel"):
+        logits = gather_logits(logits)  # built with parallel_output=True
+    allreduce_tp_partial_grads(model)  # sequence parallelism: norms saw this rank's tokens (finalize_model_grads)
     group_batches = [e + ep * k for e in range(ep)]  # the data-parallel ranks of this EP group
     grad_diff, expert_grads = 0.0, 0
     for p, e in entries.values():
@@ -106,3 +112,16 @@ def test_expert_parallel_with_capacity_and_grouped_gemm(tmp_path):
     for rank, per_case in enumerate(results):
         for r in per_case:
             assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grads"] <= 1e-5, (rank, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [1, 2])
+def test_sequence_parallel_moe_matches_single_process(tmp_path, ep):
+    """TP=2 with sequence parallelism (the MoE layer's input is [s/tp, b, h]) at EP=1 and EP=2, both
+    dispatchers, shared expert with gate, aux and z losses: logits, loss and every gradient as one process."""
+    cases = [{"moe_token_dispatcher_type": d, "sequence_parallel": True} for d in DISPATCHERS]
+    results = _run(tmp_path, 2, ep, cases)
+    for rank, per_case in enumerate(results):
+        for dispatcher, r in zip(DISPATCHERS, per_case, strict=True):
+            assert r["weights"] == 0.0, (rank, dispatcher, r)
+            assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grads"] <= 1e-5, (rank, dispatcher, r)

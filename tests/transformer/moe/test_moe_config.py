@@ -32,7 +32,6 @@ BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4)
     (dict(num_moe_experts=4, moe_aux_loss_coeff=-1.0), "moe_aux_loss_coeff"),
     (dict(num_moe_experts=4, moe_router_score_function="sigmoid", moe_router_pre_softmax=True),
      "moe_router_pre_softmax"),
-    (dict(num_moe_experts=4, sequence_parallel=True, tensor_model_parallel_size=2), "sequence_parallel"),
 ])
 def test_bad_moe_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError) as err:
