@@ -12,7 +12,9 @@ what is left of the world after tensor x pipeline parallelism::
     torchrun --nproc_per_node 4 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
         --set parallel.tensor_model_parallel_size=2 --set parallel.pipeline_model_parallel_size=2
     torchrun --nproc_per_node 4 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
-        --set parallel.pipeline_model_parallel_size=2 --set training.zero=true   # PP=2 x DP=2, ZeRO-1
+        --set parallel.pipeline_model_parallel_size=2 --set training.distributed_optimizer=true  # PP=2 x DP=2
+    torchrun --nproc_per_node 2 -m megatron_core.train --config examples/alphabet_gpt.yaml \\
+        --set parallel.pipeline_model_parallel_size=2 --set parallel.virtual_pipeline_model_parallel_size=2
 
 ``--set section.key=value`` overrides one entry of the file (the value is read as YAML).
 Training resumes from the latest complete checkpoint in ``training.save_dir`` when there is one.
@@ -38,6 +40,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.data import IndexedDatasetError
 from megatron_core.dist_checkpointing.errors import CheckpointingError
 from megatron_core.tensor_parallel import model_parallel_manual_seed
+from megatron_core.training.chunks import build_model_chunks
 from megatron_core.training.loop import Trainer, TrainResult, resolve_device
 from megatron_core.training.run_config import RunConfig, build_datasets, build_model, build_transformer_config
 from megatron_core.transformer.spec_utils import SpecError
@@ -71,7 +74,9 @@ def run_training(run: RunConfig) -> TrainResult:
     parallel_state.initialize_model_parallel(run.parallel.tensor_model_parallel_size,
                                              run.parallel.pipeline_model_parallel_size,
                                              expert_model_parallel_size=run.parallel.expert_model_parallel_size,
-                                             context_parallel_size=run.parallel.context_parallel_size)
+                                             context_parallel_size=run.parallel.context_parallel_size,
+                                             virtual_pipeline_model_parallel_size=(
+                                                 run.parallel.virtual_pipeline_model_parallel_size))
     try:
         # Same full weights at any TP size; each pipeline stage draws its own layers (as Megatron-LM does).
         model_parallel_manual_seed(run.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
@@ -79,9 +84,10 @@ def run_training(run: RunConfig) -> TrainResult:
         # (NCCL cannot all-reduce CPU tensors).
         pipelined = run.parallel.pipeline_model_parallel_size > 1
         with torch.device(resolve_device(run.training.device)) if pipelined else contextlib.nullcontext():
-            model = build_model(run)
+            # Under virtual pipelining one chunk per virtual pipeline rank (interleaved 1F1B).
+            chunks = build_model_chunks(lambda: build_model(run))
         train_data, valid_data = build_datasets(run.data, seed=run.training.seed)
-        trainer = Trainer(model, run.training, train_data, valid_data,
+        trainer = Trainer(chunks if len(chunks) > 1 else chunks[0], run.training, train_data, valid_data,
                           checkpoint_extra={"run_config": run.model_dump(mode="json")})
         if run.training.save_dir and _rank() == 0:
             Path(run.training.save_dir).mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """The distributed optimizer: AdamW on each data-parallel rank's shard of fp32 master weights.
 
 Built over model chunks wrapped in ``DistributedDataParallel(ddp_config=...use_distributed_optimizer=True)``:
-every bucket of their flat buffers is cut into ``d`` equal shards (``d`` = data-parallel size) and
-data-parallel rank ``r`` owns shard ``r`` of each. For its shards only, the rank keeps
+every bucket of their flat buffers is cut into ``d`` equal shards (``d`` = the size of the wrappers'
+data-parallel group: data x context parallel ranks, where gradients are reduced, as in Megatron-Core)
+and rank ``r`` of that group owns shard ``r`` of each. For its shards only, the rank keeps
 
 * fp32 master weights (a view of the parameter buffer when the parameters are fp32; an fp32 copy
   when they are bf16/fp16, copied back into the parameter buffer after each step),

@@ -20,21 +20,28 @@ from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, ShardedTensorFactory
 
 
+class OptimizerStateError(KeyError):
+    """A parameter has no matching entry in the model's sharded state dict."""
+
+
 def parameter_entries(model: torch.nn.Module, model_sd: ShardedStateDict) -> list[tuple[str, torch.nn.Parameter, Any]]:
     """(checkpoint key, parameter, sharded entry) of every trainable parameter.
 
-    Matched by ``state_dict`` name first, then by storage (a module may expose a parameter under
-    another name). Raises KeyError naming a parameter the model's sharded state dict lacks.
+    Matched by ``state_dict`` name first, then by storage and shape (a module may expose a
+    parameter under another name, e.g. tied weights).
+
+    Raises:
+        OptimizerStateError: a parameter the model's sharded state dict lacks (named).
     """
-    by_ptr = {e.data.data_ptr(): e for e in model_sd.values()
-              if isinstance(e, ShardedTensor | ShardedTensorFactory) and e.data is not None}
+    by_storage = {(e.data.data_ptr(), tuple(e.data.shape)): e for e in model_sd.values()
+                  if isinstance(e, ShardedTensor | ShardedTensorFactory) and e.data is not None}
     out = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        entry = model_sd.get(name) or by_ptr.get(param.data_ptr())
+        entry = model_sd.get(name) or by_storage.get((param.data_ptr(), tuple(param.shape)))
         if entry is None:
-            raise KeyError(
+            raise OptimizerStateError(
                 f"parameter {name!r} {tuple(param.shape)} is missing from {type(model).__name__}.sharded_state_dict(); "
                 "the module that owns it must include it (keys equal to state_dict() keys)"
             )

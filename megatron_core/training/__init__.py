@@ -1,5 +1,5 @@
-"""A small training loop for any model of the toolkit: AdamW (or ZeRO-1), warmup + cosine, clipping, checkpoints,
-at any tensor x pipeline x data parallel layout."""
+"""A small training loop for any model of the toolkit: AdamW (or the distributed optimizer), warmup + cosine, clipping, checkpoints,
+at any tensor x pipeline (also interleaved) x data x context parallel layout."""
 
 from megatron_core.training.checkpointing import (
     async_save_checkpoint,
@@ -9,6 +9,7 @@ from megatron_core.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from megatron_core.training.chunks import ModelChunks, build_model_chunks
 from megatron_core.training.loop import Trainer, TrainResult
 from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
 from megatron_core.training.scheduler import WarmupCosineScheduler
@@ -21,6 +22,7 @@ from megatron_core.training.steps import (
 )
 
 __all__ = [
+    "ModelChunks",
     "StagedStep",
     "TrainResult",
     "Trainer",
@@ -28,6 +30,7 @@ __all__ = [
     "WarmupCosineScheduler",
     "async_save_checkpoint",
     "build_adamw",
+    "build_model_chunks",
     "clip_grad_norm",
     "grad_norm_plan",
     "language_model_forward",

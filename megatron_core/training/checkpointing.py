@@ -9,8 +9,8 @@
   RNG tracker's states, Python's and NumPy's), restored only when world size, TP and PP are unchanged;
 * the common state: iteration, consumed samples, scheduler, AdamW step, parallel sizes.
 
-The optimizer is plain AdamW or ZeRO-1 (``optimizer.DistributedOptimizer``, each data-parallel
-rank saving and loading the moments of the parameters it owns); both write the same keys, so a
+The optimizer is plain AdamW or the distributed optimizer (``optimizer.DistributedOptimizer``, its
+sharded moments gathered per parameter); both write the same keys, so a
 checkpoint of either resumes into either, at any (TP, PP, DP).
 
 A checkpoint is complete once its ``metadata.json`` exists (``dist_checkpointing`` writes it last),
@@ -19,6 +19,7 @@ so ``latest_checkpoint`` skips a save that was interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -31,9 +32,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import dist_checkpointing, parallel_state
-from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict
+from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict, ShardedTensor
 from megatron_core.optimizer import DistributedOptimizer
+from megatron_core.optimizer.distrib_optimizer import MASTER_KEY
 from megatron_core.training.optimizer import (
+    OptimizerStateError,
     load_optimizer_state,
     model_sharded_state_dict,
     optimizer_common_state,
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 RNG_KEY = "rng_state"
+OPTIMIZER_PREFIX = "optimizer.state."
 
 
 def checkpoint_dir(save_dir: str | Path, iteration: int) -> Path:
@@ -182,6 +186,7 @@ def _training_state(iteration: int, model: torch.nn.Module, optimizer: torch.opt
         "world_size": _world()[0],
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
         **(extra_common or {}),
@@ -205,7 +210,10 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
                     scheduler: WarmupCosineScheduler | None = None, load_rng: bool = True) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` saved into the given objects; returns the common state.
 
-    The RNG is restored only when the world size and the TP and PP sizes match the saving run's
+    ``model`` may be :class:`~megatron_core.training.chunks.ModelChunks` (virtual pipelining): checkpoint
+    keys are global layer indices, so any PP / VPP layout loads any other's checkpoint.
+
+    The RNG is restored only when the world size and the TP, PP and VPP sizes match the saving run's
     (otherwise a warning): per-rank generator states are only meaningful in the same roles (the
     ranks of one TP group must share the default generator).
     """
@@ -213,23 +221,30 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     common = dist_checkpointing.load_common_state_dict(str(path))
     model_sd = model_sharded_state_dict(model)
     sharded: ShardedStateDict = dict(model_sd)
+    masters: ShardedStateDict = {}
     if optimizer is not None:
         if "optimizer" not in common:
             raise KeyError(f"{path}: holds no optimizer state (saved without one); load with optimizer=None")
-        sharded.update(_optimizer_sharded(optimizer, model, model_sd))
+        optimizer_sd = _optimizer_sharded(optimizer, model, model_sd)
+        masters = _masters_to_read_from_weights(path, optimizer_sd)
+        sharded.update({k: v for k, v in optimizer_sd.items() if k not in masters})
     world = _world()[0]
     saved_layout = (common.get("world_size"), common.get("tensor_model_parallel_size", 1),
-                    common.get("pipeline_model_parallel_size", 1))
+                    common.get("pipeline_model_parallel_size", 1), common.get("virtual_pipeline_model_parallel_size"))
     layout = (world, parallel_state.get_tensor_model_parallel_world_size(),
-              parallel_state.get_pipeline_model_parallel_world_size())
+              parallel_state.get_pipeline_model_parallel_world_size(),
+              parallel_state.get_virtual_pipeline_model_parallel_world_size())
     restore_rng = load_rng and saved_layout == layout
     if load_rng and not restore_rng and _world()[1] == 0:
-        logger.warning("%s was saved at (world, TP, PP) = %s, this run is %s: RNG state not restored",
+        logger.warning("%s was saved at (world, TP, PP, VPP) = %s, this run is %s: RNG state not restored",
                        path, saved_layout, layout)
     if restore_rng:
         sharded[RNG_KEY] = _rng_object(None)
     # model-only loads leave optimizer state and RNG in the checkpoint: unexpected keys are fine
-    loaded = dist_checkpointing.load(sharded, str(path), strict="raise_missing")
+    # Stored tensors are cast to this run's dtypes (an fp32 run's checkpoint resumes a bf16 run and back).
+    loaded = dist_checkpointing.load(sharded, str(path), strict="raise_missing", allow_dtype_cast=True)
+    if masters:  # one more collective read, on every rank (the decision depends on the checkpoint only)
+        loaded.update(dist_checkpointing.load(masters, str(path), strict="raise_missing", allow_dtype_cast=True))
     _copy_into_model(model, model_sd, loaded)
     if optimizer is not None:
         if isinstance(optimizer, DistributedOptimizer):
@@ -241,6 +256,40 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     if restore_rng:
         set_rng_state(loaded[RNG_KEY])
     return common
+
+
+def _masters_to_read_from_weights(path: Path, optimizer_sd: ShardedStateDict) -> ShardedStateDict:
+    """The fp32 master weights (``...fp32_param``) to read from the model weights, when the checkpoint has none.
+
+    A bf16 run with the distributed optimizer keeps fp32 masters; a checkpoint of an fp32 run or of
+    plain AdamW holds none. The masters then start from the checkpoint's model weights, read in
+    fp32 (so an fp32 run's weights are taken exactly, not rounded through bf16), as Megatron-Core
+    starts masters from the model. Same dictionary keys as the optimizer's entries, model keys inside.
+
+    Raises:
+        OptimizerStateError: the checkpoint holds no AdamW moments, or fp32 masters for some
+            parameters but not for one this run needs.
+    """
+    stored = set(dist_checkpointing.read_metadata(path).tensors)
+    if not any(k.startswith(OPTIMIZER_PREFIX) for k in stored):
+        raise OptimizerStateError(
+            f"{path}: holds no AdamW moments ({OPTIMIZER_PREFIX}<param key>.exp_avg / .exp_avg_sq), so the "
+            "optimizer cannot resume from it; load the weights only (megatron_core.training.load_model, or "
+            "load_checkpoint(..., optimizer=None)) and start a fresh optimizer"
+        )
+    wanted = {k: v for k, v in optimizer_sd.items() if k.endswith(f".{MASTER_KEY}")}
+    if not wanted or any(k.endswith(f".{MASTER_KEY}") for k in stored):
+        missing = sorted(v.key for v in wanted.values() if isinstance(v, ShardedTensor) and v.key not in stored)
+        if wanted and missing:
+            raise OptimizerStateError(
+                f"{path}: holds fp32 master weights ({MASTER_KEY}) for some parameters but not {missing[0]!r}: "
+                "a damaged or hand-edited checkpoint; resume from another checkpoint"
+            )
+        return {}
+    logger.info("%s holds no fp32 master weights (%s): they start from its model weights, read in fp32",
+                path, MASTER_KEY)
+    return {k: dataclasses.replace(v, key=v.key[len(OPTIMIZER_PREFIX):-len(MASTER_KEY) - 1])
+            for k, v in wanted.items()}
 
 
 def _copy_into_model(model: torch.nn.Module, model_sd: ShardedStateDict, loaded: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from megatron_core.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
 )
+from megatron_core.training.chunks import ModelChunks
 from megatron_core.training.compile import compile_layers
 from megatron_core.training.moe_metrics import aux_loss_scale, moe_metrics, reset_moe_stats
 from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
@@ -57,6 +58,23 @@ def resolve_device(name: str) -> torch.device:
     if torch.cuda.is_available() and not gloo:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _check_chunks(num_chunks: int, settings: TrainingSettings) -> None:
+    """The chunk list matches the virtual pipeline size, and the micro-batches fill the interleaved schedule."""
+    v = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if num_chunks != (v or 1):
+        raise ValueError(
+            f"Trainer got {num_chunks} model chunk(s) but virtual_pipeline_model_parallel_size={v}; pass one chunk "
+            "per virtual pipeline rank (megatron_core.training.build_model_chunks), or a single model without VPP"
+        )
+    p = parallel_state.get_pipeline_model_parallel_world_size()
+    for name in ("grad_accum_steps", "eval_iters"):  # the micro-batches of a step / of an evaluation
+        if v is not None and p > 1 and getattr(settings, name) % p != 0:
+            raise ValueError(
+                f"training.{name}={getattr(settings, name)} must be a multiple of pipeline_model_parallel_size={p} "
+                f"for the interleaved schedule (virtual_pipeline_model_parallel_size={v})"
+            )
 
 
 def _is_rank0() -> bool:
@@ -87,7 +105,9 @@ class Trainer:
 
     Args:
         model: built on every rank (after ``parallel_state.initialize_model_parallel``); under
-            pipeline parallelism this rank's stage (``pre_process`` / ``post_process`` set for it).
+            pipeline parallelism this rank's stage (``pre_process`` / ``post_process`` set for it); under
+            virtual pipelining (interleaved 1F1B) the list of this rank's chunks
+            (:func:`~megatron_core.training.build_model_chunks`).
         settings: the loop's settings.
         train_data: map-style dataset of ``{tokens, labels, loss_mask}`` samples.
         valid_data: optional held-out dataset for periodic evaluation.
@@ -96,46 +116,46 @@ class Trainer:
         checkpoint_extra: JSON-able values stored in every checkpoint's common state (e.g. the run config).
     """
 
-    def __init__(self, model: torch.nn.Module, settings: TrainingSettings, train_data: torch.utils.data.Dataset,
-                 valid_data: torch.utils.data.Dataset | None = None, forward_step: ForwardStep = language_model_step,
-                 checkpoint_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], settings: TrainingSettings,
+                 train_data: torch.utils.data.Dataset, valid_data: torch.utils.data.Dataset | None = None,
+                 forward_step: ForwardStep = language_model_step, checkpoint_extra: dict[str, Any] | None = None
+                 ) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.model = model.to(self.device)
+        chunks = [c.to(self.device) for c in (model if isinstance(model, list) else [model])]
+        _check_chunks(len(chunks), settings)
         if settings.compile:
-            compile_layers(self.model, backend=settings.compile_backend)
+            for chunk in chunks:
+                compile_layers(chunk, backend=settings.compile_backend)
+        # One module for the optimizer, clipping and checkpoints; the schedule runs the chunks.
+        self.model: torch.nn.Module = chunks[0] if len(chunks) == 1 else ModelChunks(chunks)
         self.train_data, self.valid_data = train_data, valid_data
         self.forward_step = forward_step
         self.checkpoint_extra = checkpoint_extra or {}
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.ddp = DistributedDataParallel(self.model, ddp_config=DistributedDataParallelConfig(
+        ddp_config = DistributedDataParallelConfig(
             overlap_grad_reduce=settings.overlap_grad_reduce, overlap_param_gather=settings.overlap_param_gather,
-            use_distributed_optimizer=settings.distributed_optimizer, bucket_size=settings.ddp_bucket_size))
+            use_distributed_optimizer=settings.distributed_optimizer, bucket_size=settings.ddp_bucket_size)
+        self.ddp_chunks = [DistributedDataParallel(chunk, ddp_config=ddp_config) for chunk in chunks]
         self.optimizer = self._build_optimizer()
         self.scheduler = WarmupCosineScheduler(self.optimizer, settings.lr, settings.min_lr, settings.warmup_iters,
                                                settings.decay_iters)
-        self.params, self.counted = grad_norm_plan(model)
-        # The schedule runs the micro-batches at every PP size (and wraps the model for data parallelism).
-        self.pipeline = PipelineRunner(self.model, forward_step, self._autocast, ddp=self.ddp)
+        self.params, self.counted = grad_norm_plan(self.model)
+        # The schedule runs the micro-batches at every PP size (interleaved 1F1B over the chunks under VPP).
+        self.pipeline = PipelineRunner(chunks[0], forward_step, self._autocast,
+                                       ddp=self.ddp_chunks[0] if len(chunks) == 1 else self.ddp_chunks)
         self.iteration = 0
         self.consumed_samples = 0
         self._pending_save: dist_checkpointing.AsyncSaveHandle | None = None
         self._resumed_from: Path | None = None  # never deleted by keep_last_n
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; with ``settings.distributed_optimizer``, sharded over the data-parallel ranks."""
+        """AdamW; with ``settings.distributed_optimizer``, sharded over the data (x context) parallel ranks."""
         s = self.settings
         betas = (s.adam_beta1, s.adam_beta2)
-        cp = parallel_state.get_context_parallel_world_size()
-        if s.distributed_optimizer and cp > 1:
-            name = "training.zero=true" if s.zero else "training.distributed_optimizer=true"
-            raise ValueError(
-                f"{name} with context_parallel_size={cp}: the distributed optimizer is not tested with context "
-                "parallelism yet. Fix: training.distributed_optimizer=false and training.zero=false under CP"
-            )
-        if s.distributed_optimizer:
-            return DistributedOptimizer(self.ddp, s.lr, s.weight_decay, betas, s.adam_eps)
+        if s.distributed_optimizer:  # sharded over data x context parallel ranks, where gradients reduce
+            return DistributedOptimizer(self.ddp_chunks, s.lr, s.weight_decay, betas, s.adam_eps)
         return build_adamw(self.model, s.lr, s.weight_decay, betas, s.adam_eps)
 
     # ------------------------------------------------------------------ checkpoints

@@ -21,18 +21,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_core import parallel_state
-from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor, ShardedTensorFactory
+from megatron_core.dist_checkpointing.mapping import ShardedStateDict, ShardedTensor
 from megatron_core.optimizer.param_layout import (  # noqa: F401  (re-exported: training's public names)
+    OptimizerStateError,
     counts_in_grad_norm,
     is_pipeline_copy,
     is_tensor_parallel_shard,
+    parameter_entries,
 )
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-class OptimizerStateError(KeyError):
-    """A parameter has no matching entry in the model's sharded state dict."""
 
 
 def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
@@ -55,33 +53,12 @@ def model_sharded_state_dict(model: torch.nn.Module) -> ShardedStateDict:
     return cast(Any, model).sharded_state_dict()
 
 
-def _param_entries(model: torch.nn.Module, model_sd: ShardedStateDict) -> list[tuple[str, torch.nn.Parameter, Any]]:
-    """(key, parameter, sharded entry) for every trainable parameter, matched by name."""
-    out = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        entry = model_sd.get(name)
-        if entry is None:
-            # Some modules expose a parameter under another key (tied weights): match by storage.
-            entry = next((e for e in model_sd.values()
-                          if isinstance(e, (ShardedTensor, ShardedTensorFactory)) and e.data is not None
-                          and e.data.data_ptr() == param.data_ptr() and e.data.shape == param.shape), None)
-        if entry is None:
-            raise OptimizerStateError(
-                f"parameter {name!r} {tuple(param.shape)} is missing from the model's sharded_state_dict(); "
-                "the module that owns it must include it (keys equal to state_dict() keys)"
-            )
-        out.append((entry.key, param, entry))
-    return out
-
-
 def grad_norm_plan(model: torch.nn.Module, model_sd: ShardedStateDict | None = None,
                    ) -> tuple[list[torch.nn.Parameter], list[bool]]:
     """The trainable parameters, and per parameter: does this rank count it in the global norm?"""
     model_sd = model_sharded_state_dict(model) if model_sd is None else model_sd
     params, flags = [], []
-    for _, param, entry in _param_entries(model, model_sd):
+    for _, param, entry in parameter_entries(model, model_sd):
         params.append(param)
         flags.append(counts_in_grad_norm(entry))
     return params, flags
@@ -140,7 +117,7 @@ def optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model: torch.
     """
     _init_state(optimizer)
     out: ShardedStateDict = {}
-    for key, param, entry in _param_entries(model, model_sd):
+    for key, param, entry in parameter_entries(model, model_sd):
         state = optimizer.state[param]
         for name in OPTIMIZER_STATE_KEYS:
             new_key = f"optimizer.state.{key}.{name}"
@@ -161,7 +138,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
                          loaded: dict[str, Any], common: dict[str, Any]) -> None:
     """Copy loaded moments (keys as in ``optimizer_sharded_state_dict``) and the step into ``optimizer``."""
     _init_state(optimizer)
-    for key, param, _ in _param_entries(model, model_sd):
+    for key, param, _ in parameter_entries(model, model_sd):
         state = optimizer.state[param]
         state["step"] = torch.tensor(float(common["step"]))
         for name in OPTIMIZER_STATE_KEYS:

@@ -19,7 +19,7 @@ data-parallel average, the tensor-parallel partial sums, the tied-embedding sum 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,18 +63,21 @@ class PipelineRunner:
         model: this rank's model or stage (built with ``pre_process`` / ``post_process`` for its position).
         step: the forward step; split into stage forward and loss (a :class:`StagedStep`) when PP > 1.
         autocast: a context manager factory entered around every forward (bf16 autocast or a no-op).
-        ddp: the data-parallel wrapper to use (default: ``wrap_data_parallel(model)``).
+        ddp: the data-parallel wrapper to use (default: ``wrap_data_parallel(model)``); under virtual
+            pipelining the list of the chunks' wrappers (``model`` is then the first chunk), run by the
+            interleaved schedule.
 
     Raises:
         TypeError: ``step`` is a plain callable and PP > 1.
     """
 
     def __init__(self, model: torch.nn.Module, step: ForwardStep, autocast: Autocast,
-                 ddp: torch.nn.Module | None = None) -> None:
+                 ddp: torch.nn.Module | Sequence[torch.nn.Module] | None = None) -> None:
         self.step = staged(step)
         self.autocast = autocast
-        # Our bucketed DDP when DP > 1; the model itself at DP = 1.
-        self.stage = ddp if ddp is not None else wrap_data_parallel(model)
+        # Our bucketed DDP when DP > 1; the model itself at DP = 1; a list of chunks under virtual pipelining.
+        self.stage: torch.nn.Module | list[torch.nn.Module] = (
+            list(ddp) if isinstance(ddp, Sequence) else ddp if ddp is not None else wrap_data_parallel(model))
         self.dtype = pipeline_dtype(model)
         # The DDP wrapper averages over data x context parallel ranks (each CP rank holds other tokens).
         self.dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
@@ -116,12 +119,16 @@ class PipelineRunner:
         """
         stats: list[torch.Tensor] = []
         b, s = micro_batches[0]["tokens"].shape
+        chunks: list[torch.nn.Module] | None = self.stage if isinstance(self.stage, list) else None
         get_forward_backward_func()(
             forward_step_func=self._forward_step_func(stats, total_tokens, len(micro_batches)),
-            data_iterator=iter(micro_batches), model=self.stage, num_microbatches=len(micro_batches),
+            # Under virtual pipelining every chunk reads every micro-batch (only the first chunk uses the tokens).
+            data_iterator=[iter(micro_batches) for _ in chunks] if chunks else iter(micro_batches), model=self.stage, num_microbatches=len(micro_batches),
             seq_length=s, micro_batch_size=b, forward_only=total_tokens is None,
         )
-        device = next(self.stage.parameters()).device
+        first = chunks[0] if chunks is not None else self.stage
+        assert isinstance(first, torch.nn.Module)
+        device = next(first.parameters()).device
         totals = torch.stack(stats).sum(0).to(device) if stats else torch.zeros(2, dtype=torch.float64,
                                                                                   device=device)
         group = parallel_state.get_pipeline_model_parallel_group()

@@ -18,7 +18,7 @@
       pipeline_model_parallel_size: 1
     training:           # TrainingSettings
       train_iters: 300
-      zero: false       # true: ZeRO-1, AdamW state split over data-parallel ranks
+      distributed_optimizer: false  # true: fp32 masters + AdamW state split over data-parallel ranks
 """
 
 from __future__ import annotations
@@ -117,6 +117,19 @@ class ParallelSection(BaseModel):
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1  # the sequence split over this many ranks (ring attention)
+    # Model chunks per pipeline rank (interleaved 1F1B); None: one stage per rank. Not a TransformerConfig field.
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelSection:
+        v = self.virtual_pipeline_model_parallel_size
+        if v is not None and (v < 1 or self.pipeline_model_parallel_size < 2):
+            raise ValueError(
+                f"parallel.virtual_pipeline_model_parallel_size={v} needs a value >= 1 and "
+                f"parallel.pipeline_model_parallel_size >= 2 (got {self.pipeline_model_parallel_size}); "
+                "set it to null without pipeline parallelism"
+            )
+        return self
 
 
 class RunConfig(BaseModel):
@@ -160,7 +173,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def build_transformer_config(run: RunConfig) -> TransformerConfig:
     """The ``transformer`` section with the ``parallel`` sizes filled in."""
     fields = dict(run.transformer)
-    for name, value in run.parallel.model_dump().items():
+    for name, value in run.parallel.model_dump(exclude={"virtual_pipeline_model_parallel_size"}).items():
         if name in fields and fields[name] != value:
             raise ValueError(f"transformer.{name}={fields[name]} disagrees with parallel.{name}={value}; "
                              "set parallel sizes in the parallel section only")

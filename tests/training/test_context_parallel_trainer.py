@@ -17,6 +17,7 @@ import torch
 from megatron_core import TransformerConfig, parallel_state
 from megatron_core.data import AlphabetDataset
 from megatron_core.models.gpt import GPTModel
+from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.tensor_parallel import model_parallel_manual_seed
 from megatron_core.testing import run_distributed
 from megatron_core.training import StagedStep, Trainer, TrainingSettings
@@ -102,15 +103,32 @@ def test_pp2_x_cp2_trainer_equals_single_process(tmp_path):
         torch.testing.assert_close(losses, single, rtol=1e-5, atol=1e-6)
 
 
-def test_zero_with_context_parallel_is_refused(tmp_path):
-    run_distributed(_zero_cp, 2, str(tmp_path), tmp_dir=tmp_path)
+def _cp2_dp2_distributed_optimizer(tmp: str) -> dict[str, Any]:
+    parallel_state.initialize_model_parallel(context_parallel_size=2)  # 4 ranks: CP = 2 x DP = 2
+    # micro_batch_size 1 on each of 2 replicas: the same samples per micro-batch as 2 in one process.
+    settings = _settings(tmp, "cp2dp2", metrics_file=None, micro_batch_size=1, distributed_optimizer=True,
+                         overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=2000)
+    trainer = Trainer(_model(2), settings, AlphabetDataset(1000, SEQ, seed=0), AlphabetDataset(64, SEQ, seed=1))
+    assert isinstance(trainer.optimizer, DistributedOptimizer)
+    owned = trainer.optimizer.state_bytes()
+    result = trainer.train()
+    total = 8 * sum(p.numel() for p in trainer.model.parameters())  # two fp32 moments, unsharded
+    return {"losses": result.losses, "owned": owned, "total": total}
 
 
-def _zero_cp(tmp: str) -> None:
-    parallel_state.initialize_model_parallel(context_parallel_size=2)
-    with pytest.raises(ValueError, match="training.zero=true with context_parallel_size=2"):
-        Trainer(_model(2), _settings(tmp, "zero", zero=True), AlphabetDataset(10, SEQ, seed=0))
-
+@pytest.mark.slow  # ~30 s: 10 steps on 4 processes, 10 + 5 in this one
+def test_distributed_optimizer_at_cp2_x_dp2_equals_single_process_and_resumes_at_cp1(tmp_path):
+    """The distributed optimizer shards over the 4 data x context parallel ranks (where gradients reduce);
+    its checkpoint (each parameter's moments written once) continues in one process with plain AdamW."""
+    per_rank = run_distributed(_cp2_dp2_distributed_optimizer, 4, str(tmp_path), tmp_dir=tmp_path)
+    single = _cp_run(1, str(tmp_path), "cp1")
+    for rank in per_rank:
+        torch.testing.assert_close(rank["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+        assert rank["total"] / 4 <= rank["owned"] < rank["total"] / 4 * 1.01, "1/(DP x CP) of AdamW's state"
+    half = N // 2
+    parallel_state.destroy_model_parallel()
+    resumed = _cp_run(1, str(tmp_path), "cp2dp2to1", resume_from=str(tmp_path / "cp2dp2" / f"iter_{half:07d}"))
+    torch.testing.assert_close(resumed["losses"], per_rank[0]["losses"][half:], rtol=1e-5, atol=1e-6)
 
 
 def _entry_point(args: list[str]) -> list[float]:

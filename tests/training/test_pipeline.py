@@ -22,7 +22,13 @@ from megatron_core.models.gpt import GPTModel
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.tensor_parallel import model_parallel_manual_seed
 from megatron_core.testing import run_distributed
-from megatron_core.training import Trainer, TrainingSettings, latest_checkpoint
+from megatron_core.training import (
+    ModelChunks,
+    Trainer,
+    TrainingSettings,
+    build_model_chunks,
+    latest_checkpoint,
+)
 from specs.gpt import get_gpt_layer_local_spec
 
 N = 6
@@ -91,15 +97,21 @@ def tp2_pp2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[di
     return tmp, run_distributed(_tp2_pp2, 4, str(tmp), tmp_dir=tmp)
 
 
-def test_trainer_at_tp2_pp2_matches_one_process_with_clipping(tp2_pp2_run):
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    tmp = tmp_path_factory.mktemp("single")
+    return tmp, _single(tmp, "single")
+
+
+def test_trainer_at_tp2_pp2_matches_one_process_with_clipping(tp2_pp2_run, single_run):
     tmp, per_rank = tp2_pp2_run
-    reference = _single(tmp, "single")
+    ref_tmp, reference = single_run
     for rank in per_rank:  # every rank reports the last stage's loss
         torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(reference.losses), atol=1e-5, rtol=0)
         assert [it for it, _ in rank["valid"]] == [N // 2, N]
         torch.testing.assert_close(torch.tensor([v for _, v in rank["valid"]]),
                                    torch.tensor([v for _, v in reference.valid_losses]), atol=1e-5, rtol=0)
-    norms, ref_norms = _grad_norms(tmp / "tp2pp2.jsonl"), _grad_norms(tmp / "single.jsonl")
+    norms, ref_norms = _grad_norms(tmp / "tp2pp2.jsonl"), _grad_norms(ref_tmp / "single.jsonl")
     assert min(ref_norms) > 10 * CLIP, "the clip threshold must trigger"
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-5, atol=0)
     assert reference.losses[-1] < reference.losses[0]
@@ -113,6 +125,38 @@ def test_checkpoint_from_tp2_pp2_resumes_in_one_process(tp2_pp2_run):
     assert trainer.iteration == N // 2
     resumed = trainer.train()
     # Not bit-exact: TP=2 and the pipeline split sum some reductions in another order.
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(per_rank[0]["losses"][N // 2:]),
+                               atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------- interleaved: PP2 x VPP2 x DP2
+def _vpp(tmp: str) -> dict[str, Any]:
+    parallel_state.initialize_model_parallel(1, 2, virtual_pipeline_model_parallel_size=2)
+    chunks = build_model_chunks(lambda: _stage(1, 2))
+    # micro_batch_size 1 on each of 2 replicas: the same samples per micro-batch as 2 in one process.
+    trainer = _trainer(chunks, _settings(tmp, "vpp", micro_batch_size=1, distributed_optimizer=True,
+                                         overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=3000))
+    assert isinstance(trainer.model, ModelChunks) and isinstance(trainer.optimizer, DistributedOptimizer)
+    result = trainer.train()
+    layers = sorted(chunk.decoder.layer_offset for chunk in chunks)  # type: ignore[union-attr]
+    return {"losses": result.losses, "valid": result.valid_losses, "layers": layers}
+
+
+def test_trainer_with_interleaved_pipeline_matches_one_process_and_resumes_at_pp1(tmp_path, single_run):
+    """PP=2 x VPP=2 (4 layers, one per chunk) x DP=2 with the distributed optimizer: the one-process curve;
+    its checkpoint (global layer keys, moments keyed by parameter) continues it at PP=1."""
+    per_rank = run_distributed(_vpp, 4, str(tmp_path), tmp_dir=tmp_path)
+    ref_tmp, reference = single_run
+    assert [r["layers"] for r in per_rank] == [[0, 2], [0, 2], [1, 3], [1, 3]]  # ranks: (pp, dp) = dp + 2 * pp
+    for rank in per_rank:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(reference.losses), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor([v for _, v in rank["valid"]]),
+                                   torch.tensor([v for _, v in reference.valid_losses]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(_grad_norms(tmp_path / "vpp.jsonl")),
+                               torch.tensor(_grad_norms(ref_tmp / "single.jsonl")), rtol=1e-5, atol=0)
+    trainer = _trainer(_model(seed=3), _settings(tmp_path, "vpp_to_pp1", resume=False))
+    trainer.resume(tmp_path / "vpp" / f"iter_{N // 2:07d}")
+    resumed = trainer.train()
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(per_rank[0]["losses"][N // 2:]),
                                atol=1e-6, rtol=0)
 
@@ -173,7 +217,7 @@ def test_distributed_optimizer_at_dp2_equals_plain_adamw_and_resumes(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the entry point
-def _entry_point_pp2(tmp: str) -> tuple[list[float], list[float], bool]:
+def _entry_point_pp2(tmp: str, vpp: int | None) -> tuple[list[float], list[float], bool]:
     from megatron_core.train import main
 
     config = Path(__file__).resolve().parents[2] / "examples" / "alphabet_gpt.yaml"
@@ -182,6 +226,9 @@ def _entry_point_pp2(tmp: str) -> tuple[list[float], list[float], bool]:
             "--set", "training.micro_batch_size=4", "--set", "training.grad_accum_steps=2",
             "--set", "training.save_interval=2", "--set", f"training.save_dir={tmp}/ckpt",
             "--set", "training.metrics_file=null", "--set", "training.progress_bar=false", "--set", "data.seq_length=16"]
+    if vpp is not None:  # interleaved 1F1B: 4 layers, one per chunk
+        args += ["--set", f"parallel.virtual_pipeline_model_parallel_size={vpp}", "--set", "transformer.num_layers=4",
+                 "--set", "training.eval_iters=2"]  # every schedule call: a multiple of PP micro-batches
     first = main([*args, "--set", "training.train_iters=2"])
     second = main([*args, "--set", "training.train_iters=4"])
     straight = main([*args, "--set", "training.train_iters=4", "--set", f"training.save_dir={tmp}/straight"])
@@ -189,7 +236,21 @@ def _entry_point_pp2(tmp: str) -> tuple[list[float], list[float], bool]:
     return first.losses + second.losses, straight.losses, parallel_state.model_parallel_is_initialized()
 
 
-def test_train_entry_point_at_pp2_saves_and_resumes(tmp_path):
-    for resumed, straight, left_initialised in run_distributed(_entry_point_pp2, 2, str(tmp_path), tmp_dir=tmp_path):
+@pytest.mark.parametrize("vpp", [None, 2], ids=["pp2", "pp2-vpp2"])
+def test_train_entry_point_at_pp2_saves_and_resumes(tmp_path, vpp):
+    for resumed, straight, left_initialised in run_distributed(_entry_point_pp2, 2, str(tmp_path), vpp,
+                                                               tmp_dir=tmp_path):
         assert resumed == straight and len(straight) == 4
         assert not left_initialised
+
+
+def test_chunk_list_must_match_the_virtual_pipeline_size():
+    with pytest.raises(ValueError, match="2 model chunk.*virtual_pipeline_model_parallel_size=None"):
+        Trainer([_model(), _model()], TrainingSettings(progress_bar=False), AlphabetDataset(8, SEQ))
+
+
+def test_virtual_pipeline_needs_pipeline_parallelism_in_the_run_config():
+    from megatron_core.training.run_config import ParallelSection
+
+    with pytest.raises(ValueError, match="pipeline_model_parallel_size >= 2"):
+        ParallelSection(virtual_pipeline_model_parallel_size=2)
