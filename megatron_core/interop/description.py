@@ -92,9 +92,10 @@ def _is_gpt(description: ModelDescription) -> bool:
 
 def build_model(description: ModelDescription, *, device: torch.device | str | None = None) -> MegatronModule:
     """The described model at the current TP/PP (this rank's pipeline stage), randomly initialised."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = description.transformer_config(tp, pp)
+    # every parallel size from the groups (expert- and context-parallel too), so a model loads at any layout
+    sizes = {dim.field: dim.world_size() for dim in parallel_state.PARALLEL_DIMENSIONS}
+    config = TransformerConfig(**{**description.config, **sizes})
     spec = description.layer_spec()
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if _is_gpt(description):

@@ -262,12 +262,14 @@ def load_hf_dir(path: str | Path, *, dtype: str | None = None) -> MegatronModule
     hf = HFDirectory(path)
     blueprint, table = _blueprint_and_table(hf, dtype)
     model = build_model(describe(blueprint, hf_config=hf.config_dict))
-    state = model.state_dict(keep_vars=True)
     converted: dict[str, torch.Tensor] = {}  # the other outputs of the group last read whole
     with torch.no_grad():
-        for key, leaf in model.sharded_state_dict().items():
-            if key.endswith("_extra_state"):
+        for name, leaf in model.sharded_state_dict().items():
+            if name.endswith("_extra_state") or not isinstance(leaf, (ShardedTensor, ShardedTensorFactory)):
                 continue
+            # the checkpoint key, not the state-dict name: at expert-parallel sizes > 1 a local expert's
+            # name has its local index, its key the global one (the Hugging Face expert to read)
+            key = leaf.key
             group = table.group(key, "to_hf")
             local: torch.Tensor | None
             if isinstance(leaf, ShardedTensor) and group.forward is same and len(group.hf) == 1:
@@ -281,7 +283,9 @@ def load_hf_dir(path: str | Path, *, dtype: str | None = None) -> MegatronModule
                     converted = dict(zip(group.ours, outputs, strict=True))
                 full = converted.pop(key)
                 local = full[_local_box(leaf)] if isinstance(leaf, ShardedTensor) else _factory_local(leaf, full)
-            state[key].copy_(local.to(state[key].dtype).reshape(state[key].shape))
+            target = leaf.data  # the parameter itself
+            assert target is not None, key
+            target.copy_(local.to(target.dtype).reshape(target.shape))
     model.eval()
     return model
 

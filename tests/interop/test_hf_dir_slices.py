@@ -1,5 +1,6 @@
 """load_hf_dir at TP=2: each rank reads only its part of every TP-split tensor, also of those that are fused
-or reshaped on the way (q/k/v, gate/up, GPT-2's transposed Conv1D weights, T5's k/v), and gets HF's logits.
+or reshaped on the way (q/k/v, gate/up, GPT-2's transposed Conv1D weights, T5's k/v), and gets HF's logits;
+at expert-parallel size 2 each rank reads only its experts (and load_checkpoint works there too).
 
 What a rank reads is recorded under safetensors itself: ``safe_open`` is wrapped so that every
 ``get_slice(key)[box]`` and ``get_tensor(key)`` adds the bytes it returns.
@@ -14,7 +15,8 @@ import torch
 
 from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedTensor
-from megatron_core.interop.description import build_model, describe
+from megatron_core.interop.__main__ import main
+from megatron_core.interop.description import build_model, describe, load_checkpoint
 from megatron_core.interop.hf_dir import HFDirectory, _blueprint_and_table, load_hf_dir
 from megatron_core.testing import run_distributed
 from tests.interop.test_hf_dir import _hf_model, hf_logits, ours_logits
@@ -114,3 +116,32 @@ def test_load_hf_dir_reads_only_its_slices(family, tmp_path):
         split_total = sum(sizes[k] for k in split)
         print(f"[load_hf_dir reads] {family} rank {rank}: {split_read} of {split_total} bytes of TP-split tensors "
               f"({split_read / split_total:.3f}); whole model read {sum(reads.values())} of {sum(sizes.values())}")
+
+
+def _load_expert_parallel(family: str, hf_dir: str, checkpoint: str) -> tuple[torch.Tensor, dict[str, int],
+                                                                              torch.Tensor]:
+    parallel_state.initialize_model_parallel(1, expert_model_parallel_size=2)
+    from_checkpoint = ours_logits(family, load_checkpoint(checkpoint)[0])
+    reads: dict[str, int] = defaultdict(int)
+    real = safetensors.safe_open
+    safetensors.safe_open = lambda *a, **k: _Recorded(real(*a, **k), reads, [])
+    try:
+        model = load_hf_dir(hf_dir)
+    finally:
+        safetensors.safe_open = real
+    return ours_logits(family, model), dict(reads), from_checkpoint
+
+
+@pytest.mark.slow
+def test_load_hf_dir_at_expert_parallel_2_reads_only_its_experts(tmp_path):
+    hf = _hf_model("qwen2_moe")  # 4 experts, a gated shared expert
+    want = hf_logits("qwen2_moe", hf)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")]) == 0
+    results = run_distributed(_load_expert_parallel, 2, "qwen2_moe", str(tmp_path / "hf"), str(tmp_path / "ckpt"),
+                              tmp_dir=tmp_path)
+    for rank, (logits, reads, from_checkpoint) in enumerate(results):
+        torch.testing.assert_close(logits, want, rtol=0, atol=2e-5, msg=f"qwen2_moe load_hf_dir EP=2 rank {rank}")
+        torch.testing.assert_close(from_checkpoint, want, rtol=0, atol=2e-5, msg=f"load_checkpoint EP=2 rank {rank}")
+        experts = sorted({int(k.split(".experts.")[1].split(".")[0]) for k in reads if ".mlp.experts." in k})
+        assert experts == [2 * rank, 2 * rank + 1], (rank, experts)  # only this rank's two experts were read
