@@ -49,8 +49,13 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
         attention_type: "self" or "cross".
         attention_dropout: dropout on the attention probabilities; defaults to the config's.
         softmax_scale: defaults to ``config.softmax_scale`` or ``1/sqrt(kv_channels)``.
-        cp_comm_type: context parallelism is not set up by this toolkit; must be None.
+        cp_comm_type: TE's context-parallel communication under CP > 1 (default ``"p2p"``: the ring);
+            must be None at CP = 1.
         tp_group: tensor-parallel group; defaults to parallel_state's.
+        cp_group: context-parallel group; defaults to parallel_state's. Under CP > 1 TE's attention
+            gets it with its global ranks (and a CUDA stream): the inputs are this rank's two
+            load-balanced chunks (``get_batch_on_this_cp_rank``), as TE expects. Checked only against a
+            CPU stand-in of TE's API here (no GPU/TE): unverified on Transformer Engine itself.
     """
 
     def __init__(
@@ -63,13 +68,11 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         tp_group: ProcessGroup | None = None,
+        *,
+        cp_group: ProcessGroup | None = None,
     ) -> None:
-        if cp_comm_type is not None:
-            raise ValueError(
-                f"cp_comm_type={cp_comm_type!r}: context parallelism is not available in this toolkit; "
-                "leave cp_comm_type unset"
-            )
-        parallel_state.check_config_parallel_sizes(config, {"tp_group": tp_group})
+        parallel_state.check_config_parallel_sizes(config, {"tp_group": tp_group, "cp_group": cp_group})
+        cp_kwargs = _context_parallel_kwargs(cp_group, cp_comm_type)
         group, tp_size, _ = resolve_tp(tp_group)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         scale = softmax_scale if softmax_scale is not None else config.softmax_scale
@@ -89,7 +92,9 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
             layer_number=max(1, layer_number),
             attention_type=attention_type,
             softmax_scale=scale,
+            **cp_kwargs,
         )
+        self.context_parallel = bool(cp_kwargs)
         self.config = config
         self.default_mask_type = attn_mask_type
 
@@ -109,6 +114,11 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
                 "packed sequences (packed_seq_params) are not wired to TE's THD format yet; pad the batch instead"
             )
         mask_type = attn_mask_type if attn_mask_type is not None else self.default_mask_type
+        if self.context_parallel and (attention_mask is not None or attention_bias is not None):
+            raise ValueError(
+                "TEDotProductAttention under context parallelism takes no attention_mask / attention_bias (TE's "
+                "ring handles causal and no-mask attention only); mask padding in the loss instead"
+            )
         te_type, mask, bias = _te_mask_inputs(mask_type, attention_mask, attention_bias, query, key)
         kwargs: dict[str, Any] = {"attn_mask_type": te_type, "qkv_format": "sbhd"}
         if mask is not None:
@@ -118,6 +128,21 @@ class TEDotProductAttention(TEModuleMixin, te.pytorch.DotProductAttention):
             kwargs["core_attention_bias"] = bias
         out = super().forward(query, key, value, **kwargs)  # [sq, b, np*hn]
         return out
+
+
+def _context_parallel_kwargs(cp_group: ProcessGroup | None, cp_comm_type: str | None) -> dict[str, Any]:
+    """TE's context-parallel arguments (none at CP = 1), Megatron-Core's wiring: group, global ranks, stream."""
+    group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
+    if parallel_state.group_world_size(group) == 1:
+        if cp_comm_type is not None:
+            raise ValueError(f"cp_comm_type={cp_comm_type!r} without context parallelism (context_parallel_size=1); "
+                             "leave cp_comm_type unset")
+        return {}
+    ranks = (torch.distributed.get_process_group_ranks(group) if cp_group is not None
+             else parallel_state.get_context_parallel_global_ranks())
+    stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+    return {"cp_group": group, "cp_global_ranks": list(ranks), "cp_stream": stream,
+            "cp_comm_type": cp_comm_type or "p2p"}
 
 
 def _te_mask_name(mask_type: AttnMaskType) -> str:

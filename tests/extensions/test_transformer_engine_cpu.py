@@ -19,6 +19,7 @@ from megatron_core.config import TransformerConfig
 from megatron_core.extensions.te_key_map import local_to_te_state_dict, te_to_local_state_dict
 from megatron_core.models.gpt import GPTModel
 from megatron_core.testing import run_distributed
+from megatron_core.transformer.context_parallel import get_batch_on_this_cp_rank
 from megatron_core.transformer.dot_product_attention import DotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
 from specs.backends import get_llama_layer_te_spec
@@ -228,6 +229,40 @@ def test_tp2_sharding_and_logits_match_the_local_spec(family: str, sequence_para
         assert rank["same_sharding"]
         assert rank["logits_diff"] < 1e-5
         assert rank["gather_diff"] < 1e-6
+
+
+# ----------------------------------------------------------------------------- context parallelism
+def _cp2_worker(family: str) -> dict[str, object]:
+    enable_fake_te()
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    # The local spec's ring attention at CP=2 equals CP=1 (tests/models/test_gpt_context_parallel.py).
+    local = build(family, "local", seed=6, context_parallel_size=2)
+    te_model = build(family, "te", seed=6, context_parallel_size=2)
+    ids, positions = batch()
+    chunk = get_batch_on_this_cp_rank({"tokens": ids, "position_ids": positions})  # chunks r and 3 - r
+    logits_local = local(chunk["tokens"], chunk["position_ids"], None)  # [b, s/2, vocab]
+    logits_te = te_model(chunk["tokens"], chunk["position_ids"], None)
+    logits_local.square().mean().backward()
+    logits_te.square().mean().backward()
+    grads_local, grads_te = _grads(local), te_to_local_state_dict(_grads(te_model))
+    assert grads_te.keys() == grads_local.keys()
+    with pytest.raises(ValueError, match="no attention_mask"):
+        te_model.decoder.layers[0].self_attention.core_attention(
+            *(torch.zeros(8, 2, 4, 16) for _ in range(3)), torch.zeros(2, 1, 8, 8, dtype=torch.bool))
+    return {"logits_diff": (logits_te - logits_local).abs().max().item(),
+            "grad_diff": max((grads_te[k] - g).abs().max().item() for k, g in grads_local.items())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cp2_te_attention_gets_the_context_parallel_group(family: str, tmp_path) -> None:
+    """Stand-in TE (CPU). Verifies that under CP=2 the TE core receives the CP group, its global ranks and
+    ``cp_comm_type="p2p"`` and the load-balanced chunks, by matching the local spec's ring attention (logits and
+    every gradient). The stand-in attends over all-gathered keys at true positions; it does NOT verify TE's
+    own context-parallel kernels (no GPU / TE here): unverified on Transformer Engine.
+    """
+    for rank in run_distributed(_cp2_worker, 2, family, tmp_dir=tmp_path):
+        assert rank["logits_diff"] < 1e-5
+        assert rank["grad_diff"] < 1e-5
 
 
 # ----------------------------------------------------------------------------- BERT and T5

@@ -179,10 +179,16 @@ class DotProductAttention(_Module):
         attention_dropout: float = 0.0, qkv_format: str = "sbhd", attn_mask_type: str = "causal",
         sequence_parallel: bool = False, tp_size: int = 1, get_rng_state_tracker: Any = None,
         tp_group: Any = None, layer_number: int | None = None, attention_type: str = "self",
-        softmax_scale: float | None = None, **unused: Any,
+        softmax_scale: float | None = None, cp_group: Any = None, cp_global_ranks: list[int] | None = None,
+        cp_stream: Any = None, cp_comm_type: str = "p2p", **unused: Any,
     ) -> None:
         super().__init__()
         assert qkv_format == "sbhd", qkv_format
+        # Context parallelism (TE's contract): the inputs are this rank's chunks r and 2cp-1-r of the sequence.
+        self.cp_group = cp_group if parallel_state.group_world_size(cp_group) > 1 else None
+        if self.cp_group is not None:
+            assert cp_global_ranks == torch.distributed.get_process_group_ranks(cp_group), cp_global_ranks
+            assert cp_comm_type in ("p2p", "all_gather", "a2a"), cp_comm_type
         self.tp_size = _tp_size(tp_group, tp_size)
         self.heads_per_partition = num_attention_heads // self.tp_size
         self.groups_per_partition = (num_gqa_groups or num_attention_heads) // self.tp_size
@@ -201,13 +207,18 @@ class DotProductAttention(_Module):
         sk, ng = key_layer.shape[0], key_layer.shape[2]
         assert (np_, ng) == (self.heads_per_partition, self.groups_per_partition), (np_, ng)
         mask_type = attn_mask_type or self.attn_mask_type
+        rows = torch.arange(sq)[:, None]
+        if self.cp_group is not None:  # every key of the sequence, in order; queries at their true positions
+            assert mask_type in ("causal", "no_mask") and attention_mask is None, mask_type
+            key_layer, value_layer = _CPGather.apply(key_layer, self.cp_group), _CPGather.apply(value_layer, self.cp_group)
+            rows = _cp_positions(sq, self.cp_group)[:, None]
+            sk = key_layer.shape[0]
         q = query_layer.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key_layer.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)  # [b, np, sk, hn]
         v = value_layer.permute(1, 2, 0, 3).repeat_interleave(np_ // ng, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale  # [b, np, sq, sk]
         if core_attention_bias_type == "post_scale_bias":
             scores = scores + core_attention_bias
-        rows = torch.arange(sq)[:, None]
         cols = torch.arange(sk)[None, :]
         if mask_type == "causal":
             scores = scores.masked_fill(cols > rows, float("-inf"))  # TE's "causal" is top-left aligned
@@ -223,3 +234,38 @@ class DotProductAttention(_Module):
                 probs = F.dropout(probs, self.dropout_p)
         out = torch.matmul(probs, v)  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+def _cp_chunks(cp_group: Any) -> tuple[int, int]:
+    """The two sequence chunks (of 2 x CP) this context-parallel rank holds: r and 2 CP - 1 - r."""
+    rank, size = torch.distributed.get_rank(cp_group), torch.distributed.get_world_size(cp_group)
+    return rank, 2 * size - 1 - rank
+
+
+def _cp_positions(local_len: int, cp_group: Any) -> torch.Tensor:
+    half = local_len // 2
+    return torch.cat([torch.arange(c * half, (c + 1) * half) for c in _cp_chunks(cp_group)])
+
+
+class _CPGather(torch.autograd.Function):
+    """``[s/cp, ...]`` chunks of every CP rank -> the whole ``[s, ...]`` in sequence order; backward: the
+    gradient summed over ranks (each used every key), this rank's chunks kept."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        size = torch.distributed.get_world_size(group)
+        parts = [torch.empty_like(local) for _ in range(size)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=group)
+        half = local.shape[0] // 2
+        chunks: list[torch.Tensor | None] = [None] * (2 * size)
+        for r, part in enumerate(parts):
+            chunks[r], chunks[2 * size - 1 - r] = part[:half], part[half:]
+        return torch.cat(chunks, dim=0)  # type: ignore[arg-type]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        half = grad.shape[0] // (2 * torch.distributed.get_world_size(ctx.group))
+        return torch.cat([grad[c * half:(c + 1) * half] for c in _cp_chunks(ctx.group)], dim=0), None
