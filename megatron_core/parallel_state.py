@@ -12,12 +12,15 @@ reduced over data x context parallel ranks (``get_data_parallel_group(with_conte
 while data (samples) is sharded over the data-parallel ranks only: the CP ranks of one data-parallel
 rank read the same batch and each keeps its chunks of the sequence.
 
-Expert parallelism (as in Megatron-Core) is carved out of the data-parallel ranks: the data-parallel
-index splits as ``dp_rank = ep_rank + ep_size * edp_rank``. An expert-parallel group joins
-``ep_size`` consecutive data-parallel ranks (same TP and PP position): each holds a different slice
-of the experts and they exchange tokens. The expert-data-parallel group joins the ranks that hold
-the *same* experts (same TP, PP and EP position): expert gradients are averaged over it, where
-every other gradient is averaged over the full data-parallel group. Experts are split over TP like
+Expert parallelism (as in Megatron-Core) is carved out of the data x context parallel ranks: with
+``q = cp_rank + cp_size * dp_rank`` (the rank's index among the ``dp_size * cp_size`` ranks of its TP
+and PP position), ``q = ep_rank + ep_size * edp_rank``. An expert-parallel group joins ``ep_size``
+consecutive such ranks: each holds a different slice of the experts and they exchange tokens
+(context-parallel ranks hold other tokens of the same sequences; the MoE layer is token-wise, so
+which ranks' tokens meet does not matter). The expert-data-parallel group joins the ranks that hold
+the *same* experts (same TP, PP and EP position): expert gradients are summed over it (scaled like
+every other gradient, by 1 / (DP x CP)), where every other gradient is averaged over the full data x
+context parallel group. Without CP, ``q`` is the data-parallel rank. Experts are split over TP like
 dense MLPs (expert tensor parallel size = TP).
 
 Without ``torch.distributed`` initialised, and with every size 1, the module behaves as a single
@@ -107,8 +110,8 @@ def initialize_model_parallel(
 
     Raises:
         ParallelStateError: torch.distributed is not initialised while a size > 1 is asked for,
-            the world size is not divisible by TP * PP, the data-parallel size is not divisible
-            by EP, or the state is already initialised.
+            the world size is not divisible by TP * CP * PP, data-parallel x context-parallel size
+            is not divisible by EP, or the state is already initialised.
     """
     global _STATE
     if _STATE is not None:
@@ -121,11 +124,6 @@ def initialize_model_parallel(
         raise ParallelStateError(
             f"tensor_model_parallel_size={tp}, pipeline_model_parallel_size={pp}, "
             f"expert_model_parallel_size={ep}, context_parallel_size={cp}: sizes must be >= 1"
-        )
-    if cp > 1 and ep > 1:
-        raise ParallelStateError(
-            f"context_parallel_size={cp} with expert_model_parallel_size={ep}: context and expert "
-            "parallelism are not supported together yet; set one of them to 1"
         )
     if not (dist.is_available() and dist.is_initialized()):
         if tp * pp * ep * cp != 1:
@@ -147,11 +145,12 @@ def initialize_model_parallel(
             f"launch a multiple of {tp * cp * pp} processes"
         )
     dp = world // (tp * cp * pp)
-    if dp % ep != 0:
+    if (dp * cp) % ep != 0:
         raise ParallelStateError(
-            f"expert_model_parallel_size={ep} must divide the data-parallel size {dp} (world {world} / "
-            f"(TP {tp} x CP {cp} x PP {pp})): expert ranks are carved out of the data-parallel ranks; launch a "
-            f"multiple of {tp * pp * ep} processes or lower expert_model_parallel_size"
+            f"expert_model_parallel_size={ep} must divide data-parallel size {dp} x context_parallel_size {cp} "
+            f"= {dp * cp} (world {world} / (TP {tp} x PP {pp})): expert ranks are carved out of the data x "
+            f"context parallel ranks; launch a multiple of {tp * pp * ep} processes or lower "
+            "expert_model_parallel_size"
         )
 
     def rank_of(t: int, d: int, p: int, c: int = 0) -> int:
@@ -173,24 +172,27 @@ def initialize_model_parallel(
     pp_group, pp_ranks = _create_groups(pp_lists, rank)
     embedding_group, embedding_ranks = _create_groups(embedding_lists, rank)
     mp_group, _ = _create_groups(mp_lists, rank)
-    edp = dp // ep  # dp_rank = e + ep * k (ep > 1 only with cp == 1)
-    ep_lists = [[rank_of(t, e + ep * k, p) for e in range(ep)] for p in range(pp) for k in range(edp)
+    edp = dp * cp // ep
+
+    def rank_of_q(t: int, q: int, p: int) -> int:  # q = c + cp * d = e + ep * k
+        return rank_of(t, q // cp, p, q % cp)
+
+    ep_lists = [[rank_of_q(t, e + ep * k, p) for e in range(ep)] for p in range(pp) for k in range(edp)
                 for t in range(tp)]
-    edp_lists = [[rank_of(t, e + ep * k, p) for k in range(edp)] for p in range(pp) for e in range(ep)
+    edp_lists = [[rank_of_q(t, e + ep * k, p) for k in range(edp)] for p in range(pp) for e in range(ep)
                  for t in range(tp)]
-    if cp > 1:  # ep == 1: every rank is its own expert-parallel group; experts reduce like dense weights
-        ep_lists, edp_lists = [[r] for r in range(world)], dp_cp_lists
     ep_group, _ = _create_groups(ep_lists, rank)
     edp_group, _ = _create_groups(edp_lists, rank)
     dp_rank = (rank // (tp * cp)) % dp
+    q_rank = (rank // tp) % cp + cp * dp_rank
     _STATE = _ParallelState(
         tp_size=tp, pp_size=pp, dp_size=dp,
         tp_rank=rank % tp, pp_rank=rank // (tp * cp * dp), dp_rank=dp_rank,
         cp_size=cp, cp_rank=(rank // tp) % cp, cp_group=cp_group, cp_ranks=tuple(cp_ranks), dp_cp_group=dp_cp_group,
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, embedding_ranks=embedding_ranks,
-        ep_size=ep, ep_rank=dp_rank % ep, ep_group=ep_group,
-        edp_size=edp, edp_rank=dp_rank // ep, edp_group=edp_group,
+        ep_size=ep, ep_rank=q_rank % ep, ep_group=ep_group,
+        edp_size=edp, edp_rank=q_rank // ep, edp_group=edp_group,
     )
     set_virtual_pipeline_model_parallel_world_size(virtual_pipeline_model_parallel_size)
 

@@ -11,7 +11,7 @@ only (:func:`aux_loss_scale`); a dense model or another model in the process is 
 Metrics (one record per log interval, written by rank 0, collectives on every rank):
 ``moe_aux_loss`` / ``moe_z_loss`` (that mean, summed over layers, as added to the objective) and
 ``moe_tokens_per_expert`` (per MoE layer by global layer number: the tokens each expert processed
-over the step, all replicas, after capacity drops), from which load balance reads directly.
+over the step, all data- and context-parallel replicas, after capacity drops), from which load balance reads directly.
 """
 
 from __future__ import annotations
@@ -71,13 +71,13 @@ def moe_metrics(model: torch.nn.Module) -> dict[str, Any]:
     for i, layer in enumerate(layers):
         stats = layer.router.stats
         counts = stats.tokens_per_expert.clone()
-        dp_group = parallel_state.get_data_parallel_group()
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         if parallel_state.group_world_size(dp_group) > 1:
             dist.all_reduce(counts, group=dp_group)
         per_layer[_layer_number(layer, i)] = [int(c) for c in counts.tolist()]
         if stats.calls:
             losses += torch.tensor([stats.aux_loss, stats.z_loss], dtype=torch.float64) / stats.calls
-    dp_group = parallel_state.get_data_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if parallel_state.group_world_size(dp_group) > 1:
         dist.all_reduce(losses, group=dp_group)
         losses /= parallel_state.group_world_size(dp_group)

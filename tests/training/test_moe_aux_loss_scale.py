@@ -57,7 +57,15 @@ def _by_hand(x: torch.Tensor, weight: torch.Tensor, topk: int) -> torch.Tensor:
     return aux + z
 
 
-def _reference(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _cp_positions(cp: int) -> list[torch.Tensor]:
+    """Sequence positions held by each context-parallel rank: chunks ``c`` and ``2cp - 1 - c`` of ``2cp``."""
+    chunk = SEQ // (2 * cp)
+    return [torch.cat([torch.arange(c * chunk, (c + 1) * chunk),
+                       torch.arange((2 * cp - 1 - c) * chunk, (2 * cp - c) * chunk)]) for c in range(cp)]
+
+
+def _reference(batches: list[dict[str, torch.Tensor]], cp: int = 1) -> dict[str, torch.Tensor]:
+    """With CP each rank routes (and balances) its own positions: the aux / z losses are per CP chunk."""
     torch.manual_seed(0)
     model = build_moe_gpt(moe_config(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0)).train()
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -70,16 +78,19 @@ def _reference(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
         losses = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
         lm = lm + (losses.float() * b["loss_mask"]).sum()
         assert len(captured) == 2
-        balance = balance + sum(_by_hand(x, w, 2) for x, w in captured)
-    (lm / total_tokens + balance / len(batches)).backward()
+        for x, w in captured:  # x: [s * b, h] in [s, b] order
+            for positions in _cp_positions(cp):
+                balance = balance + _by_hand(x.view(SEQ, BATCH, -1)[positions].reshape(-1, x.shape[-1]), w, 2)
+    (lm / total_tokens + balance / (len(batches) * cp)).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _trainer_rank(ep: int, grouped: bool, batches: list[dict[str, torch.Tensor]], ref_path: str) -> dict:
+def _trainer_rank(ep: int, grouped: bool, cp: int, batches: list[dict[str, torch.Tensor]], ref_path: str) -> dict:
     expected = torch.load(ref_path, weights_only=True)
-    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=ep, context_parallel_size=cp)
     torch.manual_seed(0)
-    model = build_moe_gpt(moe_config(ep=ep, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z), grouped=grouped)
+    model = build_moe_gpt(moe_config(ep=ep, moe_aux_loss_coeff=AUX, moe_z_loss_coeff=Z, context_parallel_size=cp),
+                          grouped=grouped)
     settings = TrainingSettings(train_iters=1, micro_batch_size=BATCH, grad_accum_steps=MICRO, lr=1e-3,
                                 warmup_iters=0, clip_grad=0.0, weight_decay=0.0, progress_bar=False, device="cpu")
     trainer = Trainer(model, settings, [])  # type: ignore[arg-type]
@@ -94,11 +105,13 @@ def _trainer_rank(ep: int, grouped: bool, batches: list[dict[str, torch.Tensor]]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep,grouped", [(1, False), (2, False), (2, True)])
-def test_trainer_gradients_equal_explicit_objective(tmp_path, ep, grouped):
+@pytest.mark.parametrize("ep,grouped,cp", [(1, False, 1), (2, False, 1), (2, True, 1), (2, False, 2), (4, True, 2)])
+def test_trainer_gradients_equal_explicit_objective(tmp_path, ep, grouped, cp):
+    """cp=2: context x expert parallelism (EP carved out of DP x CP; EP=4 spans both DP ranks)."""
     batches = _batches()
-    torch.save(_reference(batches), tmp_path / "ref.pt")
-    for rank in run_distributed(_trainer_rank, DP, ep, grouped, batches, str(tmp_path / "ref.pt"), tmp_dir=tmp_path):
+    torch.save(_reference(batches, cp), tmp_path / "ref.pt")
+    for rank in run_distributed(_trainer_rank, DP * cp, ep, grouped, cp, batches, str(tmp_path / "ref.pt"),
+                                tmp_dir=tmp_path):
         assert rank["scales"] == [1.0, 1.0]  # restored after the step
         bad = {k: v for k, v in rank["errors"].items() if v > 1.0}
         assert not bad, bad

@@ -49,8 +49,8 @@ def test_moe_defaults_and_layer_pattern():
     assert TransformerConfig.from_yaml(config.to_yaml()) == config
 
 
-def _groups(tp: int, ep: int) -> dict:
-    ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+def _groups(tp: int, ep: int, cp: int = 1) -> dict:
+    ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep, context_parallel_size=cp)
     ep_group, edp_group = ps.get_expert_model_parallel_group(), ps.get_expert_data_parallel_group()
     return {"ep": torch.distributed.get_process_group_ranks(ep_group),
             "edp": torch.distributed.get_process_group_ranks(edp_group),
@@ -68,6 +68,18 @@ def test_expert_groups_are_carved_out_of_data_parallel_ranks(tmp_path):
     got = run_distributed(_groups, 4, 2, 2, tmp_dir=tmp_path)
     assert [g["ep"] for g in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [g["sizes"] for g in got] == [(2, 1)] * 4
+
+
+def test_expert_groups_are_carved_out_of_data_times_context_parallel_ranks(tmp_path):
+    # CP=2 x DP=2 on 4 ranks (rank = cp_rank + 2 dp_rank): EP=2 joins the two CP ranks of a DP rank,
+    # expert-DP joins equal CP positions; EP=4 spans DP and CP.
+    got = run_distributed(_groups, 4, 1, 2, 2, tmp_dir=tmp_path)
+    assert [g["ep"] for g in got] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [g["edp"] for g in got] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [(g["ep_rank"], g["edp_rank"]) for g in got] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    got = run_distributed(_groups, 4, 1, 4, 2, tmp_dir=tmp_path)
+    assert [g["ep"] for g in got] == [[0, 1, 2, 3]] * 4 and [g["edp"] for g in got] == [[0], [1], [2], [3]]
+    assert [g["ep_rank"] for g in got] == [0, 1, 2, 3] and [g["sizes"] for g in got] == [(4, 1)] * 4
 
 
 def _bad_ep() -> None:
