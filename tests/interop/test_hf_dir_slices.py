@@ -17,7 +17,7 @@ from megatron_core import parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedTensor
 from megatron_core.interop.__main__ import main
 from megatron_core.interop.description import build_model, describe, load_checkpoint
-from megatron_core.interop.hf_dir import HFDirectory, _blueprint_and_table, load_hf_dir
+from megatron_core.interop.hf_dir import HFDirectory, _blueprint_and_table, _local_box, load_hf_dir
 from megatron_core.testing import run_distributed
 from tests.interop.test_hf_dir import _hf_model, hf_logits, ours_logits
 
@@ -145,3 +145,25 @@ def test_load_hf_dir_at_expert_parallel_2_reads_only_its_experts(tmp_path):
         torch.testing.assert_close(from_checkpoint, want, rtol=0, atol=2e-5, msg=f"load_checkpoint EP=2 rank {rank}")
         experts = sorted({int(k.split(".experts.")[1].split(".")[0]) for k in reads if ".mlp.experts." in k})
         assert experts == [2 * rank, 2 * rank + 1], (rank, experts)  # only this rank's two experts were read
+
+
+def _stage_weights(hf_dir: str, pp: int) -> dict[str, tuple[str, tuple[slice, ...], torch.Tensor]]:
+    """checkpoint key -> (state-dict name, box, this rank's tensor) of every TP/PP-sharded tensor loaded."""
+    parallel_state.initialize_model_parallel(1, pp)
+    model = load_hf_dir(hf_dir)
+    return {leaf.key: (name, _local_box(leaf), leaf.data.clone()) for name, leaf in model.sharded_state_dict().items()
+            if isinstance(leaf, ShardedTensor)}
+
+
+@pytest.mark.slow
+def test_load_hf_dir_at_pipeline_parallel_2_gives_each_stage_its_layers(tmp_path):
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    whole = run_distributed(_stage_weights, 1, str(tmp_path / "hf"), 1, tmp_dir=tmp_path)[0]  # logits-checked elsewhere
+    stages = run_distributed(_stage_weights, 2, str(tmp_path / "hf"), 2, tmp_dir=tmp_path)
+    # stage 1 names its first layer decoder.layers.0 (local numbering); it must hold the model's layer 1
+    assert stages[1]["decoder.layers.1.input_layernorm.weight"][0] == "decoder.layers.0.input_layernorm.weight"
+    for rank, got in enumerate(stages):
+        for key, (_, box, tensor) in got.items():
+            assert torch.equal(tensor, whole[key][2][box]), (rank, key)
+    assert {k for stage in stages for k in stage} == set(whole)
