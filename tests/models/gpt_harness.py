@@ -17,8 +17,14 @@ import torch.distributed as dist
 from megatron_core import TransformerConfig
 from megatron_core import parallel_state as ps
 from megatron_core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-from megatron_core.distributed import unwrap_model, wrap_data_parallel
+from megatron_core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    unwrap_model,
+    wrap_data_parallel,
+)
 from megatron_core.models.gpt import GPTModel
+from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.pipeline_parallel import get_forward_backward_func
 from megatron_core.training.optimizer import build_adamw
 from specs.gpt import get_gpt_layer_local_spec
@@ -168,6 +174,19 @@ def setup(tp: int, pp: int, full: dict[str, torch.Tensor], **overrides: Any) -> 
     load_full(stage, full)
     wrapped = wrap_data_parallel(stage)
     return wrapped, build_adamw(stage, lr=LR)
+
+
+def setup_distributed_optimizer(tp: int, pp: int, full: dict[str, torch.Tensor], bucket_size: int | None = None,
+                                overlap: bool = False, **config: Any) -> tuple[DistributedDataParallel,
+                                                                               DistributedOptimizer]:
+    """This rank's stage loaded from ``full``, wrapped for the distributed optimizer, and the optimizer."""
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tp, pp)
+    stage = build_gpt(make_config(tp, pp, **config))
+    load_full(stage, full)
+    ddp = DistributedDataParallel(stage, bucket_size=bucket_size, ddp_config=DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_grad_reduce=overlap, overlap_param_gather=overlap))
+    return ddp, DistributedOptimizer(ddp, lr=LR)
 
 
 def reference(full: dict[str, torch.Tensor], steps: list[dict[str, torch.Tensor]]

@@ -16,8 +16,7 @@ import torch
 
 from megatron_core import parallel_state as ps
 from megatron_core.dist_checkpointing.mapping import is_main_replica
-from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig, unwrap_model
-from megatron_core.optimizer import DistributedOptimizer
+from megatron_core.distributed import unwrap_model
 from megatron_core.testing import run_distributed
 from megatron_core.training.optimizer import build_adamw
 from tests.models.gpt_harness import (
@@ -27,24 +26,13 @@ from tests.models.gpt_harness import (
     load_full,
     make_config,
     make_steps,
+    setup_distributed_optimizer,
     train_steps,
 )
 
 FULL = full_weights(seed=0)
 STEPS = make_steps(10, seed=3)
 TOL = 1e-6
-
-
-def wrap(tp: int, pp: int, full: dict[str, torch.Tensor], bucket_size: int | None = None, overlap: bool = False,
-         **config: Any) -> tuple[DistributedDataParallel, DistributedOptimizer]:
-    """This rank's stage loaded from ``full``, wrapped for the distributed optimizer, and the optimizer."""
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tp, pp)
-    stage = build_gpt(make_config(tp, pp, **config))
-    load_full(stage, full)
-    ddp = DistributedDataParallel(stage, bucket_size=bucket_size, ddp_config=DistributedDataParallelConfig(
-        use_distributed_optimizer=True, overlap_grad_reduce=overlap, overlap_param_gather=overlap))
-    return ddp, DistributedOptimizer(ddp, lr=LR)
 
 
 def full_params(model: torch.nn.Module) -> dict[str, tuple[tuple[slice, ...], torch.Tensor]]:
@@ -83,7 +71,7 @@ def _layout(tp: int, pp: int, num_microbatches: int) -> dict[str, Any]:
     for overlap in (False, True):
         # Same small buckets both ways (several reductions in flight): with more than two ranks a
         # different bucketing would change the order of gloo's sums.
-        model, optimizer = wrap(tp, pp, FULL, bucket_size=3000, overlap=overlap)
+        model, optimizer = setup_distributed_optimizer(tp, pp, FULL, bucket_size=3000, overlap=overlap)
         losses, _ = train_steps(model, optimizer, STEPS, num_microbatches)
         optimizer.finish_param_sync()
         runs[overlap] = {"losses": losses, "params": full_params(model)}
@@ -118,7 +106,7 @@ def test_distributed_optimizer_matches_one_process(tmp_path, world, tp, pp, num_
 
 # ---------------------------------------------------------------------------- memory
 def _state_bytes() -> dict[str, int]:
-    model, optimizer = wrap(1, 1, FULL)
+    model, optimizer = setup_distributed_optimizer(1, 1, FULL)
     train_steps(model, optimizer, STEPS[:1], 1)
     plain_model = build_gpt(make_config())
     plain = build_adamw(plain_model, lr=LR)
@@ -178,7 +166,7 @@ def _bf16_reference(num_steps: int, dp: int = 2, m: int = 2) -> list[float]:
 
 
 def _bf16_dp2() -> dict[str, Any]:
-    model, optimizer = wrap(1, 1, FULL, params_dtype="bfloat16")
+    model, optimizer = setup_distributed_optimizer(1, 1, FULL, params_dtype="bfloat16")
     losses, _ = train_steps(model, optimizer, STEPS[:6], 2)
     masters = [s.master for s in optimizer.shards]
     # The reference runs here too: bf16 CPU kernels may round differently under other thread counts.

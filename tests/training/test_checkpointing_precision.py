@@ -17,19 +17,16 @@ import torch
 
 from megatron_core import dist_checkpointing
 from megatron_core import parallel_state as ps
-from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig, unwrap_model
+from megatron_core.distributed import DistributedDataParallel, unwrap_model
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
 from megatron_core.training.optimizer import OptimizerStateError, optimizer_sharded_state_dict
 from tests.models.gpt_harness import (
-    LR,
-    build_gpt,
     full_weights,
-    load_full,
-    make_config,
     make_steps,
     setup,
+    setup_distributed_optimizer,
     train_steps,
 )
 
@@ -43,10 +40,8 @@ def _tensors(sharded: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _bf16_stage() -> tuple[torch.nn.Module, DistributedDataParallel, DistributedOptimizer]:
-    stage = build_gpt(make_config(params_dtype="bfloat16"))
-    load_full(stage, OTHER)
-    model = DistributedDataParallel(stage, ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
-    return stage, model, DistributedOptimizer(model, lr=LR)
+    model, optimizer = setup_distributed_optimizer(1, 1, OTHER, params_dtype="bfloat16")
+    return unwrap_model(model), model, optimizer
 
 
 def _fp32_to_bf16(path: str) -> dict[str, Any]:

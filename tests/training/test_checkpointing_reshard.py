@@ -16,21 +16,16 @@ import torch
 from megatron_core import dist_checkpointing
 from megatron_core import parallel_state as ps
 from megatron_core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
     unwrap_model,
 )
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
 from tests.models.gpt_harness import (
-    LR,
-    build_gpt,
     full_weights,
-    load_full,
-    make_config,
     make_steps,
     setup,
+    setup_distributed_optimizer,
     train_steps,
 )
 
@@ -75,14 +70,6 @@ def test_resume_at_another_layout_continues_the_same_loss_curve(saved, tmp_path,
 
 
 # ---------------------------------------------------------------------------- distributed optimizer
-def _zero_setup(tp: int, pp: int, full: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, DistributedOptimizer]:
-    ps.initialize_model_parallel(tp, pp)
-    stage = build_gpt(make_config(tp, pp))
-    load_full(stage, full)
-    ddp = DistributedDataParallel(stage, ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
-    return ddp, DistributedOptimizer(ddp, lr=LR)
-
-
 def _zero_save(model: torch.nn.Module, optimizer: DistributedOptimizer, path: str) -> None:
     inner = unwrap_model(model)
     model_sd = inner.sharded_state_dict()  # type: ignore[operator]
@@ -104,7 +91,7 @@ def _zero_load(model: torch.nn.Module, optimizer: DistributedOptimizer, path: st
 
 def _zero_save_then_continue(path: str) -> dict[str, Any]:
     """Distributed optimizer at (1, 2, 2): state split over the two DP ranks of each stage."""
-    model, optimizer = _zero_setup(1, 2, FULL)
+    model, optimizer = setup_distributed_optimizer(1, 2, FULL)
     train_steps(model, optimizer, STEPS[:SAVED_AT], 2)
     owned = optimizer.state_bytes()
     total = 8 * sum(p.numel() for p in unwrap_model(model).parameters())  # two fp32 moments
@@ -115,7 +102,7 @@ def _zero_save_then_continue(path: str) -> dict[str, Any]:
 
 def _zero_resume(tp: int, pp: int, path: str, zero: bool) -> list[float]:
     if zero:
-        model, optimizer = _zero_setup(tp, pp, OTHER)
+        model, optimizer = setup_distributed_optimizer(tp, pp, OTHER)
         _zero_load(model, optimizer, path)
     else:  # plain AdamW through the training loop's loader: same keys, any layout
         model, optimizer = setup(tp, pp, OTHER)

@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_core import parallel_state as ps
-from megatron_core.distributed import DistributedDataParallel, DistributedDataParallelConfig, unwrap_model
-from megatron_core.optimizer import DistributedOptimizer
+from megatron_core.distributed import unwrap_model
 from megatron_core.testing import run_distributed
 from megatron_core.training import load_checkpoint, save_checkpoint
 from tests.models.gpt_harness import (
-    LR,
-    build_gpt,
     full_weights,
-    load_full,
-    make_config,
     make_steps,
     reference,
+    setup_distributed_optimizer,
     train_steps,
 )
 
@@ -38,11 +33,8 @@ TOL = 1e-6  # as the other reshard tests: TP=2 sums some products in another ord
 
 def _leg(tp: int, pp: int, leg: int, path: str) -> list[float]:
     """Train steps ``[2 * leg, 2 * leg + 2)`` at (tp, pp, world / (tp * pp)), resuming from the last leg."""
-    ps.initialize_model_parallel(tp, pp)
-    stage = build_gpt(make_config(tp, pp))
-    load_full(stage, FULL if leg == 0 else OTHER)
-    model = DistributedDataParallel(stage, ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True))
-    optimizer = DistributedOptimizer(model, lr=LR)
+    model, optimizer = setup_distributed_optimizer(tp, pp, FULL if leg == 0 else OTHER)
+    stage = unwrap_model(model)
     if leg > 0:
         common = load_checkpoint(Path(path) / f"iter_{leg * PER_LEG:07d}", stage, optimizer, load_rng=False)
         assert common["iteration"] == leg * PER_LEG and common["optimizer"]["step"] == leg * PER_LEG
