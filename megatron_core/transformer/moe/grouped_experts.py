@@ -107,7 +107,9 @@ def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) ->
 
 class GroupedMLP(SequentialMLP):
     """``SequentialMLP``'s experts (same parameters, names, init and checkpoint entries), run as two
-    grouped GEMMs over all local experts instead of a Python loop.
+    grouped GEMMs over all local experts instead of a Python loop. The combine weights scale fc2's
+    input (Megatron-Core's order) or, when ``ffn/tp`` is wider than ``h``, fc2's output (Hugging
+    Face's order; fewer elements, same maths without biases).
 
     Args:
         num_local_experts: experts held by this rank.
@@ -154,10 +156,15 @@ class GroupedMLP(SequentialMLP):
         weight2 = stack_weights([e.linear_fc2.weight for e in self.local_experts])
         x = copy_to_tensor_model_parallel_region(permuted_tokens, self.tp_group) if self.tp_size > 1 \
             else permuted_tokens
-        intermediate = grouped_matmul(x, weight1, counts)  # [N, fc1/tp]
-        probs = weights_for_tp_split(permuted_probs, self.tp_group)
-        intermediate = self._activate(intermediate) * probs.unsqueeze(-1).to(intermediate.dtype)
+        intermediate = self._activate(grouped_matmul(x, weight1, counts))  # [N, ffn/tp]
+        # No biases, so weighting fc2's input or its output is the same maths: do it on the narrower one.
+        weight_output = intermediate.shape[-1] > weight2.shape[1]
+        if not weight_output:
+            probs = weights_for_tp_split(permuted_probs, self.tp_group)
+            intermediate = intermediate * probs.unsqueeze(-1).to(intermediate.dtype)
         out = grouped_matmul(intermediate, weight2, counts)  # [N, h], partial sums over TP
         if self.tp_size > 1:
             out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+        if weight_output:
+            out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
         return out, None

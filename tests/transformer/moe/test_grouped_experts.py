@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron_core.transformer.moe.grouped_experts import GroupedMLP, _adjacent, stack_weights
@@ -40,15 +41,18 @@ def test_packed_weights_are_stacked_without_copy_and_stay_packed_after_to():
     torch.testing.assert_close(stack_weights(moved), torch.stack(moved), rtol=0, atol=0)
 
 
-def test_grouped_equals_sequential_outputs_and_gradients():
+@pytest.mark.parametrize("ffn", [32, 64])  # = hidden: weights on fc2's input; wider: on its output
+def test_grouped_equals_sequential_outputs_and_gradients(ffn):
     torch.manual_seed(0)
-    grouped = build_moe_gpt(moe_config(), grouped=True)
-    sequential = build_moe_gpt(moe_config(), grouped=False)
+    grouped = build_moe_gpt(moe_config(moe_ffn_hidden_size=ffn), grouped=True)
+    sequential = build_moe_gpt(moe_config(moe_ffn_hidden_size=ffn), grouped=False)
     sequential.load_state_dict(grouped.state_dict())
     tokens = torch.randint(0, 64, (2, 8))
     positions = torch.arange(8).expand(2, 8)
-    for model in (grouped, sequential):
-        model(tokens, positions, None, labels=tokens).mean().backward()
+    losses = [model(tokens, positions, None, labels=tokens).mean() for model in (grouped, sequential)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for loss in losses:
+        loss.backward()
     seq_params = dict(sequential.named_parameters())
     for name, p in grouped.named_parameters():
         torch.testing.assert_close(p.grad, seq_params[name].grad, rtol=1e-5, atol=1e-6, msg=name)
