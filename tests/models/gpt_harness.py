@@ -34,9 +34,9 @@ LR = 1e-3
 
 
 def make_config(tp: int = 1, pp: int = 1, **overrides: Any) -> TransformerConfig:
-    return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, hidden_dropout=0.0,
-                             attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                             **overrides)
+    fields: dict[str, Any] = dict(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, hidden_dropout=0.0,
+                                  attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def build_gpt(config: TransformerConfig) -> GPTModel:
@@ -44,10 +44,10 @@ def build_gpt(config: TransformerConfig) -> GPTModel:
                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
-def full_weights(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The single-process model's weights by checkpoint key."""
+def full_weights(seed: int = 0, **overrides: Any) -> dict[str, torch.Tensor]:
+    """The single-process model's weights by checkpoint key (``overrides``: config fields, e.g. num_layers)."""
     torch.manual_seed(seed)
-    model = GPTModel(make_config(), get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = GPTModel(make_config(**overrides), get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
             and not k.endswith("_extra_state")}
 
