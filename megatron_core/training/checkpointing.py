@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.dist_checkpointing.mapping import ShardedObject, ShardedStateDict, ShardedTensor
+from megatron_core.dist_checkpointing.metadata import torch_dtype
 from megatron_core.optimizer import DistributedOptimizer
 from megatron_core.optimizer.distrib_optimizer import MASTER_KEY
 from megatron_core.training.optimizer import (
@@ -210,6 +211,11 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
                     scheduler: WarmupCosineScheduler | None = None, load_rng: bool = True) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` saved into the given objects; returns the common state.
 
+    Stored tensors are cast to the run's dtypes. With an optimizer (a resume) the fp32 master weights
+    follow the precision of the run: a bf16 distributed-optimizer run resuming a checkpoint without
+    them reads them from the checkpoint's weights in fp32; an fp32 run resuming a bf16 run's checkpoint
+    takes its weights from the stored fp32 masters.
+
     ``model`` may be :class:`~megatron_core.training.chunks.ModelChunks` (virtual pipelining): checkpoint
     keys are global layer indices, so any PP / VPP layout loads any other's checkpoint.
 
@@ -225,9 +231,8 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     if optimizer is not None:
         if "optimizer" not in common:
             raise KeyError(f"{path}: holds no optimizer state (saved without one); load with optimizer=None")
-        optimizer_sd = _optimizer_sharded(optimizer, model, model_sd)
-        masters = _masters_to_read_from_weights(path, optimizer_sd)
-        sharded.update({k: v for k, v in optimizer_sd.items() if k not in masters})
+        request, masters = _resume_requests(path, optimizer, model, model_sd)
+        sharded.update(request)
     world = _world()[0]
     saved_layout = (common.get("world_size"), common.get("tensor_model_parallel_size", 1),
                     common.get("pipeline_model_parallel_size", 1), common.get("virtual_pipeline_model_parallel_size"))
@@ -258,7 +263,26 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     return common
 
 
-def _masters_to_read_from_weights(path: Path, optimizer_sd: ShardedStateDict) -> ShardedStateDict:
+def _resume_requests(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+                     model_sd: ShardedStateDict) -> tuple[ShardedStateDict, ShardedStateDict]:
+    """What a resume reads besides the model: (entries for the main load, fp32 masters read in a second load).
+
+    The main load gets the optimizer state, and, for fp32 parameters whose checkpoint weights are in lower
+    precision but which have fp32 masters there (a bf16 distributed-optimizer run), the masters as weights.
+    """
+    tensors = dist_checkpointing.read_metadata(path).tensors
+    optimizer_sd = _optimizer_sharded(optimizer, model, model_sd)
+    masters = _masters_to_read_from_weights(path, optimizer_sd, set(tensors))
+    request = {k: v for k, v in optimizer_sd.items() if k not in masters}
+    for key, entry in model_sd.items():
+        master = f"{OPTIMIZER_PREFIX}{entry.key}.{MASTER_KEY}"
+        if (isinstance(entry, ShardedTensor) and entry.dtype == torch.float32 and master in tensors
+                and entry.key in tensors and torch_dtype(tensors[entry.key].dtype) != torch.float32):
+            request[key] = dataclasses.replace(entry, key=master)  # the weight's full-precision value
+    return request, masters
+
+
+def _masters_to_read_from_weights(path: Path, optimizer_sd: ShardedStateDict, stored: set[str]) -> ShardedStateDict:
     """The fp32 master weights (``...fp32_param``) to read from the model weights, when the checkpoint has none.
 
     A bf16 run with the distributed optimizer keeps fp32 masters; a checkpoint of an fp32 run or of
@@ -270,7 +294,6 @@ def _masters_to_read_from_weights(path: Path, optimizer_sd: ShardedStateDict) ->
         OptimizerStateError: the checkpoint holds no AdamW moments, or fp32 masters for some
             parameters but not for one this run needs.
     """
-    stored = set(dist_checkpointing.read_metadata(path).tensors)
     if not any(k.startswith(OPTIMIZER_PREFIX) for k in stored):
         raise OptimizerStateError(
             f"{path}: holds no AdamW moments ({OPTIMIZER_PREFIX}<param key>.exp_avg / .exp_avg_sq), so the "

@@ -1,4 +1,5 @@
-"""A bf16 run with the distributed optimizer resumes a checkpoint that holds no fp32 master weights.
+"""A bf16 run with the distributed optimizer resumes a checkpoint that holds no fp32 master weights,
+and an fp32 run resumes a bf16 run's checkpoint from its fp32 masters.
 
 The checkpoint comes from an fp32 run with plain AdamW (DP=2): it has fp32 weights and moments
 but no ``fp32_param``. The bf16 run's masters must start from the checkpoint's weights read in
@@ -63,6 +64,17 @@ def _fp32_to_bf16(path: str) -> dict[str, Any]:
     bf16_weights = {e.key: e.data.detach().clone() for e in stage.sharded_state_dict().values()}
     bf16_next = train_steps(bf16_model, bf16_optimizer, STEPS[2:], 2)[0]
 
+    # And back: an fp32 run resuming the bf16 run's checkpoint takes the fp32 masters as its weights.
+    save_checkpoint(path, 4, stage, bf16_optimizer)
+    bf16_state = _tensors(bf16_optimizer.sharded_state_dict(stage, stage.sharded_state_dict()))
+    back, back_optimizer = setup(1, 1, OTHER)
+    load_checkpoint(Path(path) / "iter_0000004", unwrap_model(back), back_optimizer, load_rng=False)
+    back_sd = unwrap_model(back).sharded_state_dict()  # type: ignore[operator]
+    back_gap = max((entry.data - bf16_state[f"optimizer.state.{entry.key}.fp32_param"]).abs().max().item()
+                   for entry in back_sd.values())
+    back_moments = _tensors(optimizer_sharded_state_dict(back_optimizer, unwrap_model(back), back_sd))
+    back_moment_gap = max((v - bf16_state[k]).abs().max().item() for k, v in back_moments.items())
+
     # A checkpoint with weights but no AdamW moments (e.g. written by another tool).
     no_moments = str(Path(path) / "no_moments")
     dist_checkpointing.save(stage.sharded_state_dict(), no_moments,
@@ -72,7 +84,8 @@ def _fp32_to_bf16(path: str) -> dict[str, Any]:
         load_checkpoint(no_moments, fresh, fresh_optimizer, load_rng=False)
     return {"saved_weights": saved_weights, "saved_moments": saved_moments, "masters": masters,
             "moments": {k: v for k, v in state.items() if not k.endswith(".fp32_param")},
-            "bf16_weights": bf16_weights, "fp32_next": fp32_next, "bf16_next": bf16_next, "error": str(error.value)}
+            "bf16_weights": bf16_weights, "fp32_next": fp32_next, "bf16_next": bf16_next, "error": str(error.value),
+            "back_gap": back_gap, "back_moment_gap": back_moment_gap}
 
 
 def test_bf16_distributed_optimizer_resumes_an_fp32_plain_adamw_checkpoint(tmp_path):
@@ -89,3 +102,4 @@ def test_bf16_distributed_optimizer_resumes_an_fp32_plain_adamw_checkpoint(tmp_p
         # bf16 forward/backward round differently; the curve goes on from the same point.
         torch.testing.assert_close(torch.tensor(rank["bf16_next"]), torch.tensor(rank["fp32_next"]), atol=2e-2, rtol=0)
         assert "holds no AdamW moments" in rank["error"] and "load_model" in rank["error"]
+        assert rank["back_gap"] == 0 and rank["back_moment_gap"] == 0  # fp32 run <- bf16 run: masters are weights
