@@ -88,6 +88,7 @@ def _fp32_to_bf16(path: str) -> dict[str, Any]:
             "back_gap": back_gap, "back_moment_gap": back_moment_gap}
 
 
+@pytest.mark.slow  # 14-28 s depending on load: four optimizers on 2 processes, three checkpoints
 def test_bf16_distributed_optimizer_resumes_an_fp32_plain_adamw_checkpoint(tmp_path):
     for rank in run_distributed(_fp32_to_bf16, 2, str(tmp_path / "ckpt"), tmp_dir=tmp_path):
         saved = rank["saved_weights"]
