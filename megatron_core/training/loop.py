@@ -60,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_chunks(num_chunks: int, settings: TrainingSettings) -> None:
+def _check_chunks(num_chunks: int, settings: TrainingSettings, evaluates: bool) -> None:
     """The chunk list matches the virtual pipeline size, and the micro-batches fill the interleaved schedule."""
     v = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if num_chunks != (v or 1):
@@ -69,7 +69,7 @@ def _check_chunks(num_chunks: int, settings: TrainingSettings) -> None:
             "per virtual pipeline rank (megatron_core.training.build_model_chunks), or a single model without VPP"
         )
     p = parallel_state.get_pipeline_model_parallel_world_size()
-    for name in ("grad_accum_steps", "eval_iters"):  # the micro-batches of a step / of an evaluation
+    for name in ("grad_accum_steps", "eval_iters")[:2 if evaluates else 1]:  # micro-batches of a step / an evaluation
         if v is not None and p > 1 and getattr(settings, name) % p != 0:
             raise ValueError(
                 f"training.{name}={getattr(settings, name)} must be a multiple of pipeline_model_parallel_size={p} "
@@ -123,7 +123,7 @@ class Trainer:
         self.settings = settings
         self.device = resolve_device(settings.device)
         chunks = [c.to(self.device) for c in (model if isinstance(model, list) else [model])]
-        _check_chunks(len(chunks), settings)
+        _check_chunks(len(chunks), settings, evaluates=valid_data is not None)
         if settings.compile:
             for chunk in chunks:
                 compile_layers(chunk, backend=settings.compile_backend)
