@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from megatron_core.interop.hf import get_family
 from megatron_core.interop.registry import Blueprint, HFInteropError
 from megatron_core.module import MegatronModule
 from megatron_core.transformer.spec_utils import ModuleSpec, import_by_path, spec_from_dict
+from megatron_core.transformer.transformer_block import TransformerBlockSubmodules
 
 DESCRIPTION_KEY = "model_description"
 GPT_MODEL = "megatron_core.models.gpt.GPTModel"
@@ -61,14 +63,18 @@ class ModelDescription(BaseModel):
         return TransformerConfig(**{**self.config, "tensor_model_parallel_size": tp,
                                     "pipeline_model_parallel_size": pp})
 
-    def layer_spec(self) -> ModuleSpec | None:
+    def layer_spec(self, config: TransformerConfig | None = None) -> ModuleSpec | TransformerBlockSubmodules | None:
+        """The layer spec (or a block spec: one per layer); a spec function with a ``config`` argument gets ``config``."""
         if self.spec is None:
             return None
         if isinstance(self.spec, dict):
             return spec_from_dict(self.spec)
         target = import_by_path(self.spec)
-        spec = target if isinstance(target, ModuleSpec) else target(**self.spec_args)
-        if not isinstance(spec, ModuleSpec):
+        if isinstance(target, ModuleSpec):
+            return target
+        wants_config = "config" in inspect.signature(target).parameters
+        spec = target(config=config, **self.spec_args) if wants_config else target(**self.spec_args)
+        if not isinstance(spec, (ModuleSpec, TransformerBlockSubmodules)):
             raise HFInteropError(f"model description: spec {self.spec!r} gave a {type(spec).__name__}, not a ModuleSpec")
         return spec
 
@@ -96,7 +102,7 @@ def build_model(description: ModelDescription, *, device: torch.device | str | N
     # every parallel size from the groups (expert- and context-parallel too), so a model loads at any layout
     sizes = {dim.field: dim.world_size() for dim in parallel_state.PARALLEL_DIMENSIONS}
     config = TransformerConfig(**{**description.config, **sizes})
-    spec = description.layer_spec()
+    spec = description.layer_spec(config)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if _is_gpt(description):
             from megatron_core.models.gpt import GPTModel

@@ -4,7 +4,8 @@ Megatron-LM saves its parsed command line (an ``argparse.Namespace``) with every
 ``core_transformer_config_from_args`` copies every argument named like a ``TransformerConfig``
 field, and translates a few (``--swiglu``, ``--norm-epsilon``, ``--num-experts``, ...). This does the
 same for the fields our ``TransformerConfig`` has, and picks the layer spec (the local GPT layer,
-with MoE experts when ``num_experts`` is set).
+with MoE experts when ``num_experts`` is set; one spec per layer when ``--moe-layer-freq`` mixes dense
+and MoE layers).
 """
 
 from __future__ import annotations
@@ -68,8 +69,11 @@ def description_from_args(args: dict[str, Any], vocab_size: int) -> ModelDescrip
     """
     config = _config_fields(args)
     experts = config.get("num_moe_experts")
+    spec = "specs.gpt.get_gpt_layer_local_spec"
     spec_args: dict[str, Any] = {"qk_layernorm": bool(config.get("qk_layernorm", False))}
-    if experts:
+    if experts and config.get("moe_layer_freq", 1) != 1:  # dense and MoE layers mixed: one spec per layer
+        spec = "specs.gpt.get_gpt_decoder_block_spec"
+    elif experts:
         spec_args.update(num_experts=experts, moe_grouped_gemm=bool(config.get("moe_grouped_gemm", False)))
     position = args.get("position_embedding_type", "learned_absolute")
     kwargs: dict[str, Any] = {
@@ -79,5 +83,5 @@ def description_from_args(args: dict[str, Any], vocab_size: int) -> ModelDescrip
     }
     if position == "rope":
         kwargs.update(rotary_base=args.get("rotary_base", 10000), rotary_percent=args.get("rotary_percent", 1.0))
-    return ModelDescription(config=config, spec="specs.gpt.get_gpt_layer_local_spec", spec_args=spec_args,
+    return ModelDescription(config=config, spec=spec, spec_args=spec_args,
                             model_kwargs=kwargs)

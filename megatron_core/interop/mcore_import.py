@@ -34,7 +34,8 @@ from megatron_core.interop.torch_dist import TorchDistCheckpoint, TorchDistError
 
 logger = logging.getLogger(__name__)
 
-_STACKED = re.compile(r"^decoder\.layers\.(?!\d)(.+)$")
+#: ``decoder.layers.<rest>`` (layer-stacked: leading layer axis) or ``decoder.layers.<i>.<rest>`` (one layer).
+_LAYER = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(.+)$")
 TE_NORM_NAMES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
@@ -66,21 +67,25 @@ def our_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ..
 
     A layer-stacked key gives one name per layer (index ``(layer,)``); its experts key one per layer
     and expert (index ``(layer, expert)``: Megatron-Core puts the expert axis after the layer axis).
+    Layers of different kinds (dense and MoE) are stored one key per layer, ``decoder.layers.<i>.<rest>``,
+    with the same names inside (an experts key then has the expert axis first).
     """
-    match = _STACKED.match(key)
+    match = _LAYER.match(key)
     if match is None:
         return [(key, ())]
-    rest = TE_NORM_NAMES.get(match.group(1), match.group(1))
-    layers = range(shape[0])
+    rest = TE_NORM_NAMES.get(match.group(2), match.group(2))
+    stacked = match.group(1) is None
+    layers = range(shape[0]) if stacked else [int(match.group(1))]
+    lead = (lambda i: (i,)) if stacked else (lambda i: ())
     experts = _EXPERTS.match(rest)
     if experts is not None:
-        return [(f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{experts.group(1)}", (i, e))
-                for i in layers for e in range(shape[1])]
+        return [(f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{experts.group(1)}", (*lead(i), e))
+                for i in layers for e in range(shape[len(lead(0))])]
     one = _ONE_EXPERT.match(rest)
     if one is not None:
         expert, name = (one.group(1), one.group(2)) if one.group(1) is not None else (one.group(4), one.group(3))
         rest = f"mlp.experts.local_experts.{int(expert)}.{name}"
-    return [(f"decoder.layers.{i}.{rest}", (i,)) for i in layers]
+    return [(f"decoder.layers.{i}.{rest}", lead(i)) for i in layers]
 
 
 def read_common_state(ckpt: TorchDistCheckpoint) -> dict[str, Any]:
