@@ -62,7 +62,9 @@ def _listed(keys: Sequence[str], most: int = 8) -> str:
 
 
 def reindexing(transform: Transform) -> Transform:
-    """Mark ``transform`` as pure reindexing (every output element is one source element; no arithmetic).
+    """Mark ``transform`` as pure reindexing: every output element is one source element (no arithmetic), and
+    which one depends on each output dimension separately (row r from source s(r), row i(r); column c from
+    column j(c)), as for concatenation, splitting, reshaping whole rows and transposing.
 
     ``load_hf_dir`` then reads only each rank's part of the sources (``slice_plan``); unmarked
     transforms get their sources whole.
