@@ -38,7 +38,14 @@ from megatron_core.transformer.utils import _leaves, replace_prefix_for_sharding
 
 
 class ExpertsInterface(Protocol):
-    """What the MoE layer needs from its built experts."""
+    """What the MoE layer needs from its built experts.
+
+    ``forward(tokens [N, h], tokens_per_expert, probs [N]) -> (output [N, h], None)``: the tokens are
+    the same on every TP rank; under TP > 1 the output is this rank's *partial sum* of fc2's
+    contraction (Megatron-Core's explicit expert communication): the MoE layer reduces over TP once,
+    after the tokens are back (all-reduce, or reduce-scatter along the sequence with sequence
+    parallelism), on ``T`` rows instead of the ``T * k`` routed copies.
+    """
 
     def forward(
         self, permuted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor, /
@@ -125,7 +132,7 @@ class SequentialMLP(MegatronModule):
     def forward(
         self, permuted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs."""
+        """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs (partial over TP)."""
         counts = [int(c) for c in tokens_per_expert.tolist()]
         outputs = []
         for expert, tokens, probs in zip(self.local_experts, permuted_tokens.split(counts),
@@ -148,10 +155,20 @@ def weights_for_tp_split(probs: torch.Tensor, tp_group: ProcessGroup | None) -> 
 
 
 def _expert_forward(expert: MLP, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    intermediate, bias = expert.linear_fc1(tokens)  # [n, fc1/tp]
+    """``fc2(act(fc1(x)) * w) + b2``, fc2 left as this TP rank's partial sum (see ``ExpertsInterface``)."""
+    intermediate, bias = expert.linear_fc1(tokens)  # [n, fc1/tp]; its input copy all-reduces the grad
     if bias is not None:
         intermediate = intermediate + bias
     probs = weights_for_tp_split(probs, expert.tp_group)
     intermediate = expert._activate(intermediate) * probs.unsqueeze(-1).to(intermediate.dtype)
-    out, out_bias = expert.linear_fc2(intermediate)  # [n, h]
-    return out + out_bias if out_bias is not None else out
+    fc2 = expert.linear_fc2
+    out = torch.nn.functional.linear(intermediate, fc2.weight)  # [n, h], partial sums over TP
+    if fc2.bias is None:
+        return out
+    tp_group = expert.tp_group
+    if parallel_state.group_world_size(tp_group) == 1:
+        return out + fc2.bias
+    # Counted once in the TP sum: added on TP rank 0; the copy all-reduces its gradient to every rank.
+    if parallel_state.group_rank(tp_group) == 0:
+        return out + copy_to_tensor_model_parallel_region(fc2.bias, tp_group)
+    return out + 0.0 * copy_to_tensor_model_parallel_region(fc2.bias, tp_group)

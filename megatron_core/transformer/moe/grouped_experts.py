@@ -24,10 +24,7 @@ import torch
 from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron_core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-)
+from megatron_core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_core.transformer.mlp import MLPSubmodules
 from megatron_core.transformer.moe.experts import SequentialMLP, weights_for_tp_split
 
@@ -149,7 +146,7 @@ class GroupedMLP(SequentialMLP):
     def forward(
         self, permuted_tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs."""
+        """``[N, h]`` grouped by local expert -> ``[N, h]`` weighted expert outputs (partial over TP)."""
         counts = [int(c) for c in tokens_per_expert.tolist()]
         # [n_local, fc1/tp, h] and [n_local, h, ffn/tp]: views of the packed weights (no copy)
         weight1 = stack_weights([e.linear_fc1.weight for e in self.local_experts])
@@ -158,13 +155,12 @@ class GroupedMLP(SequentialMLP):
             else permuted_tokens
         intermediate = self._activate(grouped_matmul(x, weight1, counts))  # [N, ffn/tp]
         # No biases, so weighting fc2's input or its output is the same maths: do it on the narrower one.
+        # Either way the weights meet a TP-partial quantity: their gradient is all-reduced over TP.
+        probs = weights_for_tp_split(permuted_probs, self.tp_group).unsqueeze(-1)
         weight_output = intermediate.shape[-1] > weight2.shape[1]
         if not weight_output:
-            probs = weights_for_tp_split(permuted_probs, self.tp_group)
-            intermediate = intermediate * probs.unsqueeze(-1).to(intermediate.dtype)
-        out = grouped_matmul(intermediate, weight2, counts)  # [N, h], partial sums over TP
-        if self.tp_size > 1:
-            out = reduce_from_tensor_model_parallel_region(out, self.tp_group)
+            intermediate = intermediate * probs.to(intermediate.dtype)
+        out = grouped_matmul(intermediate, weight2, counts)  # [N, h], partial sums over TP (the layer reduces)
         if weight_output:
-            out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
+            out = out * probs.to(out.dtype)
         return out, None

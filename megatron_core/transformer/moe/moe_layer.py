@@ -9,16 +9,19 @@ Expert parallelism: ``num_moe_experts / expert_model_parallel_size`` experts liv
 (global experts ``ep_rank * n_local ... + n_local - 1``); the dispatcher
 (``config.moe_token_dispatcher_type``) moves the tokens.
 
+Tensor parallelism: the experts return TP-partial sums of fc2 (see ``ExpertsInterface``); the layer
+reduces them once, after the tokens are back: an all-reduce of ``[T, h]`` rather than of the
+``T * k`` routed copies.
+
 Sequence parallelism (TP > 1): the layer's input is this TP rank's sequence chunk ``[s/tp, b, h]``.
-The layer all-gathers the sequence over TP once, then routes, dispatches and runs the experts (and
-the shared expert) exactly as without sequence parallelism: every TP rank holds the same tokens and
-the experts' TP-split linears do their usual input copy / output all-reduce; it returns this rank's
-chunk of the (replicated) output. The submodules are built with ``sequence_parallel=False`` so that
-their linears do not gather a second time. Backward: the gather keeps this rank's slice of the
-(complete, replicated) input gradient and the chunking all-gathers the output gradient. Routing,
-capacity and the aux losses therefore see the whole sequence, as at TP=1. (Megatron-Core instead
-routes each rank's own tokens and reduce-scatters the experts' partial outputs; this layout trades
-that for one code path and identical routing at every TP/SP layout.)
+The layer all-gathers the sequence over TP once, routes, dispatches and runs the experts on the whole
+sequence (every TP rank holds the same tokens; the router, dispatcher and experts are built with
+``sequence_parallel=False``, so the experts' linears do not gather a second time), and
+reduce-scatters the experts' partial outputs along the sequence back to ``[s/tp, b, h]``. The shared
+expert is an ordinary sequence-parallel MLP on the layer's input (it gathers and reduce-scatters
+itself). Backward: the gather keeps this rank's slice of the (complete, replicated) input gradient.
+Routing, capacity and the aux losses see the whole sequence, as at TP=1. (Megatron-Core routes each
+rank's own tokens instead; this layout keeps routing identical at every TP/SP layout.)
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron_core.transformer.moe.experts import ExpertsBuilder
 from megatron_core.transformer.moe.router import RouterBuilder
@@ -76,15 +80,16 @@ class MoELayer(MegatronModule):
         offset = parallel_state.get_expert_model_parallel_rank() * self.num_local_experts
         self.local_expert_indices = list(range(offset, offset + self.num_local_experts))
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.sequence_parallel = bool(config.sequence_parallel) and parallel_state.group_world_size(self.tp_group) > 1
-        # The sequence is gathered once here: the submodules see whole sequences (see the module docstring).
+        self.tp_size = parallel_state.group_world_size(self.tp_group)
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        # The sequence is gathered once here: router and experts see whole sequences (module docstring).
         inner = config.model_copy(update={"sequence_parallel": False}) if config.sequence_parallel else config
         self.router = build_module(submodules.router, config=inner)
         self.experts = build_module(submodules.experts, self.num_local_experts, config=inner)
         self.shared_experts: torch.nn.Module | None = None
         # As in Megatron-Core the spec always names a shared expert; the config decides whether there is one.
         if submodules.shared_experts is not None and config.moe_shared_expert_intermediate_size is not None:
-            self.shared_experts = build_module(submodules.shared_experts, config=inner)
+            self.shared_experts = build_module(submodules.shared_experts, config=config)  # SP itself
         dispatcher_cls = {"allgather": MoEAllGatherTokenDispatcher,
                           "alltoall": MoEAlltoAllTokenDispatcher}[config.moe_token_dispatcher_type]
         self.token_dispatcher: MoETokenDispatcher = dispatcher_cls(
@@ -93,6 +98,7 @@ class MoELayer(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
         """``[s, b, h]`` -> ``([s, b, h], None)`` (``[s/tp, b, h]`` in and out with sequence parallelism)."""
+        layer_input = hidden_states
         if self.sequence_parallel:
             # [s/tp, b, h] -> [s, b, h]; backward keeps this rank's slice of the replicated gradient
             hidden_states = gather_from_sequence_parallel_region(hidden_states, False, self.tp_group)
@@ -106,12 +112,14 @@ class MoELayer(MegatronModule):
         )
         expert_output, _ = self.experts(dispatched, tokens_per_expert, dispatched_probs)
         output = self.token_dispatcher.token_unpermutation(expert_output).to(hidden_states.dtype)
-        if self.shared_experts is not None:
-            shared, _ = self.shared_experts(tokens)
-            output = output + shared
-        output = output.view(seq, batch, hidden)
+        output = output.view(seq, batch, hidden)  # partial sums over TP
         if self.sequence_parallel:
-            output = scatter_to_sequence_parallel_region(output, self.tp_group)  # [s, b, h] -> [s/tp, b, h]
+            output = reduce_scatter_to_sequence_parallel_region(output, self.tp_group)  # -> [s/tp, b, h]
+        elif self.tp_size > 1:
+            output = reduce_from_tensor_model_parallel_region(output, self.tp_group)
+        if self.shared_experts is not None:
+            shared, _ = self.shared_experts(layer_input)  # [s/tp, b, h] in and out with SP
+            output = output + shared
         return output, None
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
 """The shared expert: a dense MLP every token goes through, next to the routed experts.
 
 With ``moe_shared_expert_gate`` (Qwen2-MoE's ``shared_expert_gate``) its output is scaled per token
-by ``sigmoid(x @ gate_weight.T)``; ``gate_weight`` is ``[1, h]``, no bias, replicated over TP.
+by ``sigmoid(x @ gate_weight.T)``; ``gate_weight`` is ``[1, h]``, no bias, replicated over TP (with
+sequence parallelism tagged ``sequence_parallel``: each TP rank's gradient covers its own tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class SharedExpertMLP(MLP):
                     master = torch.empty(self.gate_weight.shape, dtype=torch.float32)
                     config.init_method(master)
                     self.gate_weight.copy_(master)
+            # With sequence parallelism the gate sees this rank's tokens: its gradient is summed over TP.
+            self.gate_weight.sequence_parallel = bool(config.sequence_parallel)  # type: ignore[attr-defined]
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[..., h]`` -> ``(output [..., h], None)`` (any bias already added)."""

@@ -123,6 +123,8 @@ def test_sequence_parallel_moe_matches_single_process(tmp_path, ep):
     # grouped experts wider than h per TP rank (64 > 32): the combine weights scale fc2's output
     cases.append({"moe_token_dispatcher_type": "alltoall", "sequence_parallel": True, "moe_grouped_gemm": True,
                   "moe_ffn_hidden_size": 128})
+    # biases: each expert's fc2 bias is counted once in the TP sum of the experts' partial outputs
+    cases.append({"moe_token_dispatcher_type": "allgather", "sequence_parallel": True, "add_bias_linear": True})
     results = _run(tmp_path, 2, ep, cases)
     for rank, per_case in enumerate(results):
         for case, r in zip(cases, per_case, strict=True):
