@@ -264,16 +264,14 @@ def fresh_memory(method: str, src_tp: int, tp: int, directory: Path) -> float:
 
 # ----------------------------------------------------------------------------------- report
 # ----------------------------------------------------------------------------------- async save
-def bench_async(root: str, repeats: int) -> dict[str, list[float]]:
-    """TP=1: async_save's blocking time and background completion, and training steps run while a
-    background save writes vs steps with no save, against torch.save + fsync and a sync save."""
-    torch.set_num_threads(os.cpu_count() or 2)
-    ps.initialize_model_parallel(1)
-    base = Path(root)
+def _train_setup(batch: int = 1, seq: int = 64) -> tuple[GPTModel, Callable[[], float]]:
+    """The TP=1 model with AdamW and one timed training step (the state saved is the model's).
+    A small batch: several steps fit in one background save, so the steps that overlap it are
+    measured, not one step that happens to contain it."""
     model = gpt2_small(1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(128).expand(2, 128)
+    tokens = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(seq).expand(batch, seq)
 
     def step() -> float:
         t0 = time.perf_counter()
@@ -283,23 +281,130 @@ def bench_async(root: str, repeats: int) -> dict[str, list[float]]:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    step()  # AdamW state exists from here on (saved along)
+    step()
+    return model, step
+
+
+def bench_async(root: str, repeats: int) -> dict[str, list[float]]:
+    """TP=1: async_save's blocking time and background completion, and training steps run while a
+    background save writes vs steps with no save, against torch.save + fsync and a sync save."""
+    torch.set_num_threads(os.cpu_count() or 2)
+    ps.initialize_model_parallel(1)
+    base = Path(root)
+    model, step = _train_setup()
     local = {k: v.data for k, v in model.sharded_state_dict().items()}
-    out: dict[str, list[float]] = {k: [] for k in ("blocking", "background", "sync", "torch+fsync", "step", "step+save")}
+    out: dict[str, list[float]] = {k: [] for k in ("blocking first", "blocking", "background", "sync", "torch+fsync",
+                                                   "step", "step+save")}
+    dc.release_snapshot_buffers()
     for r in range(repeats):
         out["torch+fsync"].append(timed(lambda r=r: _torch_save(local, base / f"async_torch_{r}.pt", True)))
         out["sync"].append(timed(lambda r=r: dc.save(model.sharded_state_dict(), base / f"async_sync_{r}")))
         t0 = time.perf_counter()
         handle = dc.async_save(model.sharded_state_dict(), base / f"async_bg_{r}")
-        out["blocking"].append(time.perf_counter() - t0)
+        out["blocking first" if r == 0 else "blocking"].append(time.perf_counter() - t0)
         handle.wait()
         out["background"].append(time.perf_counter() - t0)
         out["step"] += [step() for _ in range(3)]
+        t0 = time.perf_counter()
         handle = dc.async_save(model.sharded_state_dict(), base / f"async_train_{r}")
+        out["blocking"].append(time.perf_counter() - t0)
         while not handle.done():  # training goes on while the save writes
             out["step+save"].append(step())
         handle.wait()
     return out
+
+
+# ----------------------------------------------------------------------------------- thread or process
+def _writer_process(conn: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """A separate writer process: saves the shared-memory snapshot with the same ``dc.save`` (one
+    process, same bytes and format) each time it is sent a path."""
+    while (path := conn.recv()) is not None:
+        cpu = time.process_time()
+        dc.save({k: dc.ShardedTensor.from_rank_offsets(k, v) for k, v in tensors.items()}, path)
+        conn.send((time.monotonic(), time.process_time() - cpu))  # monotonic: the parent's clock too (Linux)
+
+
+def bench_writer(root: str, repeats: int) -> dict[str, list[float]]:
+    """The background writer as a thread (``async_save``) vs as a process, same run, same model:
+    blocking time, call-to-committed, and training steps while each writes. The process gets the
+    snapshot through shared memory (buffers made once and reused, as the thread's are) and is
+    started before timing (its start-up is reported separately)."""
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    ps.initialize_model_parallel(1)
+    base = Path(root)
+    model, step = _train_setup()
+    local = {k: v.data for k, v in model.sharded_state_dict().items()}
+    shared = {k: torch.empty_like(v).share_memory_() for k, v in local.items()}
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    t0 = time.perf_counter()
+    proc = ctx.Process(target=_writer_process, args=(child, shared), daemon=True)
+    proc.start()
+    parent.send(str(base / "writer_warmup"))  # the worker's imports and first save
+    parent.recv()
+    out: dict[str, list[float]] = {"process start": [time.perf_counter() - t0]}
+    for key in ("thread blocking", "thread committed", "thread step+save", "process blocking",
+                "process committed", "process step+save", "step", "thread cpu", "process cpu"):
+        out[key] = []
+    dc.release_snapshot_buffers()
+    dc.async_save(model.sharded_state_dict(), base / "writer_thread_warmup").wait()
+    try:
+        for r in range(repeats):  # CPU seconds of one save with the foreground idle (robust to other load)
+            cpu = time.process_time()
+            dc.async_save(model.sharded_state_dict(), base / f"writer_thread_cpu_{r}").wait()
+            out["thread cpu"].append(time.process_time() - cpu)  # snapshot + the writer thread
+            cpu = time.process_time()
+            for k, v in local.items():
+                shared[k].copy_(v)
+            parent.send(str(base / f"writer_process_cpu_{r}"))
+            out["process cpu"].append(time.process_time() - cpu + parent.recv()[1])  # snapshot + the process
+        for r in range(repeats):
+            out["step"] += [step() for _ in range(3)]
+            t0 = time.perf_counter()
+            handle = dc.async_save(model.sharded_state_dict(), base / f"writer_thread_{r}")
+            out["thread blocking"].append(time.perf_counter() - t0)
+            while not handle.done():
+                out["thread step+save"].append(step())
+            handle.wait()
+            assert handle.finished is not None
+            out["thread committed"].append(handle.finished - t0)  # when the thread finished, not the step
+            t0 = time.monotonic()
+            for k, v in local.items():  # the snapshot, into the reused shared buffers
+                shared[k].copy_(v)
+            parent.send(str(base / f"writer_process_{r}"))
+            out["process blocking"].append(time.monotonic() - t0)
+            while not parent.poll():
+                out["process step+save"].append(step())
+            out["process committed"].append(parent.recv()[0] - t0)
+    finally:
+        parent.send(None)
+        proc.join(60)
+    return out
+
+
+def fresh_writer_bench(directory: Path, repeats: int) -> dict[str, list[float]]:
+    out = subprocess.run([sys.executable, __file__, "--writer-bench", "--repeats", str(repeats), "--dir",
+                          str(directory)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report_writer(w: dict[str, list[float]]) -> str:
+    mean = statistics.mean
+    step = mean(w["step"])
+    rows = ["| background writer (TP=1, 124M fp32) | thread (`async_save`) | process (shared memory) |",
+            "|---|---|---|",
+            f"| blocking, s, min (median) | {_fmt(w['thread blocking'])} | {_fmt(w['process blocking'])} |",
+            f"| call to committed while training, s, min (median) | {_fmt(w['thread committed'])} | "
+            f"{_fmt(w['process committed'])} |",
+            f"| training step while it writes / without (mean of {len(w['thread step+save'])} / "
+            f"{len(w['process step+save'])} vs {len(w['step'])} steps) | {mean(w['thread step+save']) / step:.2f}x | "
+            f"{mean(w['process step+save']) / step:.2f}x |",
+            f"| CPU seconds per save, foreground idle, min (median) | {_fmt(w['thread cpu'])} | "
+            f"{_fmt(w['process cpu'])} |",
+            f"| start-up (spawn, imports, first save) | - | {w['process start'][0]:.1f} s once |"]
+    return "\n".join(rows)
 
 
 def report_async(a: dict[str, list[float]]) -> str:
@@ -309,6 +414,8 @@ def report_async(a: dict[str, list[float]]) -> str:
         "|---|---|---|---|",
         f"| blocking time of `async_save` vs `torch.save` + fsync | {_fmt(a['blocking'])} vs {_fmt(a['torch+fsync'])} "
         f"| {_ratio(a['blocking'], a['torch+fsync'])} | <= 0.25x (goal 0.1x) |",
+        f"| the same, first async save of the process (fresh snapshot buffers) | {_fmt(a['blocking first'])} | "
+        f"{_ratio(a['blocking first'], a['torch+fsync'])} | - |",
         f"| call to committed (background idle) vs sync `save` | {_fmt(a['background'])} vs {_fmt(a['sync'])} "
         f"| {_ratio(a['background'], a['sync'])} | <= 1.2x |",
         f"| training step while a save writes vs without (mean of {len(a['step+save'])} / {len(a['step'])}) | "
@@ -370,10 +477,16 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
     parser.add_argument("--first-save", choices=["ours", "torch", "dcp"], help=argparse.SUPPRESS)
     parser.add_argument("--memory", nargs=3, metavar=("METHOD", "SRC_TP", "TP"), help=argparse.SUPPRESS)
-    parser.add_argument("--only-async", action="store_true", help="only the async-save table")
+    parser.add_argument("--only-async", action="store_true", help="only the async-save tables")
+    parser.add_argument("--skip-writer", action="store_true", help="without the thread-vs-process table")
+    parser.add_argument("--writer-bench", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.first_save:
         first_save(args.first_save, str(args.dir))
+        return
+    if args.writer_bench:  # a plain (non-daemonic) process: it starts the writer process
+        dist.init_process_group("gloo", init_method=f"file://{args.dir}/writer_store", rank=0, world_size=1)
+        print(json.dumps(bench_writer(str(args.dir), args.repeats)))
         return
     if args.memory:
         method, src, tp = args.memory[0], int(args.memory[1]), int(args.memory[2])
@@ -383,8 +496,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench-", dir=args.dir))
     try:
         async_times = run_distributed(bench_async, 1, str(root), args.repeats, tmp_dir=root, timeout=1800)[0]
+        writer = None if args.skip_writer else fresh_writer_bench(root, args.repeats)
         if args.only_async:
             print(report_async(async_times))
+            if writer is not None:
+                print()
+                print(report_writer(writer))
             return
         first: dict[str, list[float]] = {m: [] for m in ("ours", "torch", "dcp")}
         for _ in range(args.repeats):
@@ -403,6 +520,9 @@ def main() -> None:
         print(report(results, first, memory, quarter, args.repeats))
         print()
         print(report_async(async_times))
+        if writer is not None:
+            print()
+            print(report_writer(writer))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -46,13 +46,14 @@ from megatron_core.dist_checkpointing.serialization import (
     load_plain_tensors,
     load_sharded_metadata,
     load_tensors_metadata,
+    release_snapshot_buffers,
     save,
     wait_for_pending_saves,
 )
 from megatron_core.dist_checkpointing.validation import StrictHandling
 
 __all__ = [
-    "AsyncSaveHandle", "UnsafeCheckpointError", "async_save", "wait_for_pending_saves",
+    "AsyncSaveHandle", "UnsafeCheckpointError", "async_save", "release_snapshot_buffers", "wait_for_pending_saves",
     "FORMAT_NAME", "FORMAT_VERSION", "CheckpointExistsError", "CheckpointFormatError", "CheckpointMetadata",
     "CheckpointMismatchError", "CheckpointNotFoundError", "CheckpointingError", "CorruptedCheckpointError",
     "DTypeMismatchError", "IncompleteCheckpointError", "MissingChunkError", "MissingKeyError", "SaveFailedError",

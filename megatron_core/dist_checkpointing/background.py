@@ -10,11 +10,15 @@ at once, the checkpoint holds the values at the call. Writing, fsync, the succes
 commit (the protocol and format of ``save``) run in a background thread, with collectives on the
 checkpoint's own gloo group.
 
-A thread, not a process: tensorstore encodes, checksums and writes on its own threads with the GIL
-released, and fsync releases it too, so the Python left in the background is small (planning of
-I/O and a few collectives); measured in ``bench/checkpoint_bench.py``, a training step slows by the
-figure in the README while a save writes. A process would have to receive the snapshot through
-shared memory (another full copy, or pinning the caller's tensors) and join the gloo group itself.
+A thread, not a process, decided by measurement (``bench/checkpoint_bench.py``, table "background
+writer"): the same save run by a spawned writer process that receives the snapshot through shared
+memory (buffers made once and reused, so no extra copy) costs the same CPU seconds per save and
+slowed the training steps that ran during it no less than the thread did (both within the noise
+of a loaded machine). That is expected: tensorstore encodes, checksums and writes on its own
+threads with the GIL released, crc32c and fsync release it too, so the Python left in the
+background (planning of I/O, a few collectives) holds the GIL briefly. A process would add a
+2-3 s start-up, a second process per rank to supervise (and kill with the rank), and its own
+place in the checkpoint's gloo group for the vote and the commit; it buys nothing measurable.
 
 At most one save is in flight per process: every save (sync or async) first waits for the previous
 one, and raises its failure if nobody has seen it yet. A save still pending when the interpreter
@@ -43,8 +47,12 @@ _atexit_registered = False
 class AsyncSaveHandle:
     """A save running in the background. ``wait()`` until committed; ``done()`` to poll."""
 
-    def __init__(self, job: SaveJob) -> None:
+    def __init__(self, job: SaveJob, snapshot: Snapshot | None = None) -> None:
         self.path = job.target
+        self._snapshot = snapshot
+        # bytes this rank copied at the call, and how many of them went into reused buffers
+        self.snapshot_bytes = snapshot.nbytes if snapshot is not None else 0
+        self.reused_bytes = snapshot.reused if snapshot is not None else 0
         self.rank = job.rank
         self._job = job
         self._error: BaseException | None = None
@@ -56,6 +64,8 @@ class AsyncSaveHandle:
     def _run(self) -> None:
         try:
             self._job.run()
+            if self._snapshot is not None:
+                self._snapshot.recycle()  # written and committed: the next snapshot may reuse the memory
         except BaseException as e:  # kept for wait(); the thread itself never raises
             self._error = e if isinstance(e, SaveFailedError) else SaveFailedError(
                 f"background save of {str(self.path)!r} failed on rank {self.rank}: {type(e).__name__}: {e}")
@@ -63,6 +73,7 @@ class AsyncSaveHandle:
                 self._error.__cause__ = e
         finally:
             self._job = None  # type: ignore[assignment]  # free the snapshot as soon as it is written
+            self._snapshot = None
             self.finished = time.perf_counter()
 
     def done(self) -> bool:
@@ -85,9 +96,10 @@ class AsyncSaveHandle:
         return self.path
 
 
-def start(job: SaveJob) -> AsyncSaveHandle:
-    """Run ``job`` in the background as this process's pending save."""
-    handle = AsyncSaveHandle(job)
+def start(job: SaveJob, snapshot: Snapshot | None = None) -> AsyncSaveHandle:
+    """Run ``job`` in the background as this process's pending save (its ``snapshot`` is recycled
+    once committed)."""
+    handle = AsyncSaveHandle(job, snapshot)
     _set_pending(handle)
     handle._thread.start()
     return handle
@@ -138,23 +150,62 @@ def _wait_at_exit() -> None:
         logger.error("background checkpoint save failed at exit: %s", e)
 
 
-class Snapshot:
-    """Copies tensors into memory only this save uses (pinned host memory for GPU tensors)."""
+BufferKey = tuple[tuple[int, ...], torch.dtype, bool]  # shape, dtype, pinned
+_free_buffers: dict[BufferKey, list[torch.Tensor]] = {}  # the last committed snapshot's, for the next one
 
-    def __init__(self) -> None:
+
+class Snapshot:
+    """Copies tensors into memory only this save uses (pinned host memory for GPU tensors).
+
+    The copies reuse the buffers of the previous committed async save where shape and dtype match
+    (training saves the same structure again and again): writing into memory already mapped
+    avoids the page faults (and, on GPU, the pinning) of fresh allocations, which cost about as
+    much as the copy itself. Buffers this save does not reuse are dropped, so at most one
+    snapshot's worth of memory is kept between saves; ``release_snapshot_buffers()`` frees it.
+    """
+
+    def __init__(self, reuse: bool = True) -> None:
         self.cuda = False
         self.nbytes = 0
+        self.reused = 0  # bytes copied into reused buffers
+        self.buffers: list[torch.Tensor] = []
+        with _lock:
+            self._pool = _free_buffers.copy() if reuse else {}
+            _free_buffers.clear()  # anything left unused once this snapshot is taken is freed
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         t = tensor.detach()
-        self.nbytes += t.numel() * t.element_size()
-        if t.device.type == "cpu":
-            return t.clone(memory_format=torch.contiguous_format)
-        self.cuda = True
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        out.copy_(t, non_blocking=True)
+        nbytes = t.numel() * t.element_size()
+        self.nbytes += nbytes
+        pinned = t.device.type != "cpu"
+        self.cuda = self.cuda or pinned
+        free = self._pool.get((tuple(t.shape), t.dtype, pinned))
+        if free:
+            out = free.pop()
+            self.reused += nbytes
+        else:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+        out.copy_(t, non_blocking=pinned)
+        self.buffers.append(out)
         return out
 
     def finish(self) -> None:
+        self._pool = {}
         if self.cuda:
             torch.cuda.synchronize()
+
+    def recycle(self) -> None:
+        """The save committed and nothing reads the buffers any more: keep them for the next one."""
+        pool: dict[BufferKey, list[torch.Tensor]] = {}
+        for b in self.buffers:
+            pool.setdefault((tuple(b.shape), b.dtype, b.is_pinned()), []).append(b)
+        self.buffers = []
+        with _lock:
+            _free_buffers.clear()
+            _free_buffers.update(pool)
+
+
+def release_snapshot_buffers() -> None:
+    """Free the host buffers kept from the last async save for the next one's snapshot."""
+    with _lock:
+        _free_buffers.clear()

@@ -32,6 +32,7 @@ import torch
 from megatron_core.dist_checkpointing.background import (
     AsyncSaveHandle,
     Snapshot,
+    release_snapshot_buffers,
     start,
     wait_for_pending_saves,
 )
@@ -47,7 +48,8 @@ from megatron_core.dist_checkpointing.progress import Progress
 from megatron_core.dist_checkpointing.save_job import SaveJob, plan_save
 
 __all__ = ["AsyncSaveHandle", "async_save", "load", "load_common_state_dict", "load_plain_tensors",
-           "load_sharded_metadata", "load_tensors_metadata", "save", "wait_for_pending_saves"]
+           "load_sharded_metadata", "load_tensors_metadata", "release_snapshot_buffers", "save",
+           "wait_for_pending_saves"]
 
 
 def save(
@@ -107,6 +109,9 @@ def async_save(
     Arguments and format as ``save``. The caller may modify the tensors as soon as this returns:
     the checkpoint holds their values at the call. Validation problems raise here, on every rank.
     No progress bar unless ``progress=True`` (the training loop's bar owns the terminal).
+    The snapshot's host buffers are kept after the save commits and reused by the next
+    ``async_save`` of the same shapes (one snapshot's worth of memory; ``release_snapshot_buffers()``
+    frees it).
 
     Returns:
         A handle: ``wait(timeout=None)`` blocks until committed (raising ``SaveFailedError`` naming
@@ -118,7 +123,7 @@ def async_save(
     job = start_save(sharded_state_dict, checkpoint_dir, common_state_dict, overwrite, parallel_sizes, timeout,
                      progress, snapshot=snap)
     snap.finish()
-    return start(job)
+    return start(job, snap)
 
 
 def start_save(sharded_state_dict: ShardedStateDict, checkpoint_dir: str | os.PathLike[str],

@@ -167,3 +167,38 @@ def test_two_ranks_async_save_with_concurrent_training_collectives(tmp_path):
     for hits, raised in run_distributed(_two_ranks, 2, full, str(tmp_path), tmp_dir=tmp_path):
         assert hits == 1
         assert "col: global shape (16, 6): overlap [0:8, 0:6] is written by 2 main replicas" in raised
+
+
+def test_snapshot_buffers_are_reused_only_after_a_commit_and_hold_the_values_at_each_call(tmp_path, monkeypatch):
+    dc.release_snapshot_buffers()
+    w = torch.arange(12.0).reshape(3, 4)
+    state = {"w": ShardedTensor.from_rank_offsets("w", w), "b": ShardedTensor.from_rank_offsets("b", torch.ones(5))}
+    first = dc.async_save(state, tmp_path / "a")
+    assert first.reused_bytes == 0 and first.snapshot_bytes == (12 + 5) * 4
+    first.wait()
+    gate = threading.Event()
+    real = save_job.write_shards
+    monkeypatch.setattr(save_job, "write_shards", lambda *a, **k: (gate.wait(30), real(*a, **k))[1])
+    w.mul_(-1)
+    second = dc.async_save(state, tmp_path / "b")  # into the first save's buffers
+    assert second.reused_bytes == second.snapshot_bytes
+    w.add_(1000)  # after the call: not in the checkpoint
+    gate.set()
+    second.wait()
+    loaded = {k: dc.load_plain_tensors(tmp_path / d)["w"] for k, d in (("a", "a"), ("b", "b"))}
+    assert torch.equal(loaded["a"], torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(loaded["b"], -torch.arange(12.0).reshape(3, 4))
+    # a changed shape reuses what still matches; a failed save gives nothing back; release frees all
+    state["w"] = ShardedTensor.from_rank_offsets("w", torch.zeros(2, 4))
+    monkeypatch.setattr(save_job, "write_shards", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    third = dc.async_save(state, tmp_path / "c")
+    assert third.reused_bytes == 5 * 4
+    with pytest.raises(dc.SaveFailedError, match="disk full"):
+        third.wait()
+    monkeypatch.setattr(save_job, "write_shards", real)
+    assert dc.async_save(state, tmp_path / "d").reused_bytes == 0
+    dc.wait_for_pending_saves()
+    dc.release_snapshot_buffers()
+    assert dc.async_save(state, tmp_path / "e").reused_bytes == 0
+    dc.wait_for_pending_saves()
+    assert torch.equal(dc.load_plain_tensors(tmp_path / "e")["w"], torch.zeros(2, 4))
