@@ -11,8 +11,12 @@ TP=1 (one process) and TP=2 (two gloo processes), in the same run and on the sam
 * the first save of a fresh process (imports and model building not timed), reported separately;
 * load at the same TP, and resharding loads TP=2 -> TP=1 and TP=1 -> TP=2 (ours and DCP);
 * async save (TP=1, with the AdamW model being trained): the blocking time of ``async_save`` vs
-  ``torch.save`` + fsync, the time to commit vs a sync ``save``, and training steps run while a
-  background save writes vs steps without one;
+  ``torch.save`` + fsync (reused snapshot buffers; the first save's fresh ones reported apart), the
+  time to commit vs a sync ``save``, and training steps run while a background save writes vs
+  steps without one;
+* the background writer as a thread (``async_save``) vs as a spawned process fed through shared
+  memory (in a fresh, non-daemonic process): blocking, time to commit while training, step
+  slowdown, and CPU seconds per save (robust to other load);
 * peak extra memory during a load (VmHWM after resetting it, fresh process, glibc's mmap threshold
   fixed at 1 MiB so that freed memory is not silently reused), as a multiple of the rank's shard.
   ``torch.load`` and ours return new tensors; DCP loads in place into preallocated ones.
@@ -22,7 +26,8 @@ is the min (and median) over ``--repeats`` runs, methods interleaved, wall time 
 
     .venv/bin/python bench/checkpoint_bench.py                # ~2-3 minutes on 2 cores
     .venv/bin/python bench/checkpoint_bench.py --repeats 5 --dir /path/on/the/disk/to/measure
-    .venv/bin/python bench/checkpoint_bench.py --only-async   # just the async-save table
+    .venv/bin/python bench/checkpoint_bench.py --only-async   # just the async-save and writer tables
+    .venv/bin/python bench/checkpoint_bench.py --skip-writer  # without the thread-vs-process table
 """
 
 from __future__ import annotations
@@ -204,7 +209,7 @@ def _rchar() -> int:
 def bytes_read_quarter(directory: Path) -> dict[str, float]:
     """MiB a TP=4 rank reads from a TP=1 checkpoint (a quarter of every tensor, along axis 0 for
     column-parallel-like and axis 1 for row-parallel-like weights), with and without inner chunks."""
-    from megatron_core.dist_checkpointing import serialization
+    from megatron_core.dist_checkpointing import plan_cache, save_job
 
     model = gpt2_small(1)
     sharded = model.sharded_state_dict()
@@ -216,13 +221,14 @@ def bytes_read_quarter(directory: Path) -> dict[str, float]:
         request[key] = dc.ShardedTensor.from_rank_offsets(key, torch.empty_like(piece), (axis, 0, 4))
         needed += piece.numel() * piece.element_size()
     out = {"needed": needed / 2**20}
-    real = serialization.choose_inner_chunk_shape
+    real = plan_cache.choose_inner_chunk_shape
     for name, inner in (("ours", real), ("no inner chunks", lambda chunk, *a, **k: tuple(chunk))):
-        serialization.choose_inner_chunk_shape = inner
+        plan_cache.choose_inner_chunk_shape = inner
+        save_job._plan_cache.clear()  # the same structure: plan afresh, with this layout
         try:
             dc.save(sharded, directory / f"quarter_{name}")
         finally:
-            serialization.choose_inner_chunk_shape = real
+            plan_cache.choose_inner_chunk_shape = real
         before = _rchar()
         dc.load(request, directory / f"quarter_{name}")
         out[name] = (_rchar() - before) / 2**20
