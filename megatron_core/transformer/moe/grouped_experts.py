@@ -2,8 +2,9 @@
 
 torch 2.13 has ``torch._grouped_mm`` on the CPU too (a private op; forward and backward): one call
 multiplies each contiguous block of rows by its own expert's matrix. Its kernels need row strides
-that are multiples of 16 bytes; when a width is not (or the op is missing), the same maths runs as a
-loop of matmuls over the experts. No biases (as Megatron-Core's ``GroupedMLP``).
+that are multiples of 16 bytes; when a width is not (or the op is missing, or ``torch.compile`` traces
+a non-bf16 graph: the op's fake kernel takes bf16 only), the same maths runs as a loop of matmuls over
+the experts. No biases (as Megatron-Core's ``GroupedMLP``).
 
 The parameters are ``SequentialMLP``'s (one ``MLP`` per expert, same names, init, sharded state dict
 and optimizer entries), so the two expert modules load each other's state dicts and checkpoints, and
@@ -71,7 +72,7 @@ def _adjacent(weights: list[torch.Tensor]) -> bool:
 
 def stack_weights(weights: list[torch.Tensor]) -> torch.Tensor:
     """``[n, out, in]`` from ``n`` weights ``[out, in]``: a view when they are packed, else a copy."""
-    if _adjacent(weights):
+    if not torch.compiler.is_compiling() and _adjacent(weights):  # storage tricks stay out of compiled graphs
         return _StackAdjacent.apply(*weights)
     return torch.stack(weights)
 
@@ -94,7 +95,10 @@ def _aligned(x: torch.Tensor, *widths: int) -> bool:
 def grouped_matmul(x: torch.Tensor, weights: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``x [N, in]`` rows grouped by ``counts`` times ``weights [n, out, in]``^T -> ``[N, out]``."""
     n, out_features, in_features = weights.shape
-    if _GROUPED_MM is not None and x.dtype == weights.dtype and _aligned(x, in_features, out_features):
+    # torch.compile: the op's fake (meta) kernel accepts bf16 only, so compiled graphs use the loop.
+    compiling_non_bf16 = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
+    if _GROUPED_MM is not None and not compiling_non_bf16 and x.dtype == weights.dtype \
+            and _aligned(x, in_features, out_features):
         offs = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
         y = _GROUPED_MM(x.contiguous(), weights.transpose(1, 2), offs=offs)
         return _ContiguousGrad.apply(y)
