@@ -16,6 +16,10 @@ backward scales the input-gradient rows by their token's gradient and the weight
 common one. Tokens whose gradient differs from the most frequent value (e.g. loss-masked tokens)
 are corrected exactly by recomputing only their logits. The backward may run once (no
 ``retain_graph`` double backward).
+
+Speed (fp32, CPU): with a vocabulary-sized output the logits GEMM runs transposed (``weight @
+hidden^T``, see ``_logits``), chunks are multiples of 16 tokens, and the weight gradient is created by
+the first chunk's GEMM (no zero-filled 150 MB buffer at GPT-2 small).
 """
 
 from __future__ import annotations
@@ -35,14 +39,18 @@ from megatron_core.tensor_parallel.cross_entropy import (
 )
 from megatron_core.tensor_parallel.utils import VocabUtility
 
-#: Default chunk: about this many fp32 logits ([chunk, vocab/tp]) at a time (16 MiB; two such
-#: buffers live at once, so at GPT-2 small shapes, 1024 tokens, the loss holds ~1/6 of the logits).
-CHUNK_LOGITS = 4 * 1024 * 1024
+#: Default chunk: at most this many fp32 logits ([chunk, vocab/tp]) at a time (36 MiB): at GPT-2 small
+#: shapes (1024 tokens, vocabulary 50257) 176 tokens, the loss's working memory ~0.2 of the full logits.
+CHUNK_LOGITS = 9 * 1024 * 1024
 
 
 def default_chunk_tokens(vocab_per_rank: int) -> int:
-    """Tokens per chunk so that one chunk of logits holds about :data:`CHUNK_LOGITS` values."""
-    return max(16, CHUNK_LOGITS // max(1, vocab_per_rank))
+    """Tokens per chunk: at most :data:`CHUNK_LOGITS` logits, a multiple of 16 (aligned GEMM rows: faster)."""
+    return max(16, CHUNK_LOGITS // max(1, vocab_per_rank) // 16 * 16)
+
+
+#: fp32 logits of at least this many vocabulary rows (per rank) are computed transposed (see :func:`_logits`).
+TRANSPOSED_MIN_VOCAB = 4096
 
 
 def _logits(
@@ -50,13 +58,30 @@ def _logits(
 ) -> tuple[torch.Tensor, torch.dtype]:
     """fp32 logits ``[c, V/tp]`` and the dtype the matmul ran in (bf16 under autocast or bf16 weights).
 
-    ``dtype`` forces the matmul's dtype (the backward runs outside the forward's autocast).
+    ``dtype`` forces the matmul's dtype (the backward runs outside the forward's autocast). In fp32
+    with a vocabulary of at least :data:`TRANSPOSED_MIN_VOCAB` rows the logits are computed as
+    ``weight @ hidden^T`` (``[V/tp, c]``) and returned as its transposed view: ``hidden @ weight^T``
+    with a vocabulary-wide output runs at ~2/3 of MKL's fp32 rate on one thread and worse on two,
+    the transposed product at the full rate. Same products; the loss's sums over the vocabulary then
+    run in another order (differences of a few fp32 ulps in the loss).
     """
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+    fp32 = all(t.dtype == torch.float32 for t in (hidden, weight) + (() if bias is None else (bias,)))
+    if fp32 and weight.shape[0] >= TRANSPOSED_MIN_VOCAB and not torch.is_autocast_enabled(hidden.device.type):
+        out = torch.mm(weight, hidden.t()) if bias is None else torch.addmm(bias.unsqueeze(-1), weight, hidden.t())
+        return out.t(), torch.float32
     logits = F.linear(hidden, weight, bias)
     return logits.float(), logits.dtype
+
+
+def _accumulate(buf: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``buf + a @ b`` in fp32, in place (``buf`` None: the product itself, no zero-filled buffer)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if buf is None else buf.addmm_(a, b)
+    product = (a @ b).float()
+    return product if buf is None else buf.add_(product)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -80,9 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_b = bias is not None and ctx.needs_input_grad[2]
         n = hidden.shape[0]
         loss, lse = hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
-        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        # [input grad, weight grad, bias grad]: the weight/bias grads are created by the first chunk.
+        grads: list[torch.Tensor | None] = [
+            torch.zeros_like(hidden, dtype=torch.float32) if need_h else None, None, None]
         eager = None  # fold gradients in the forward: only when the matmuls run in fp32 (else see backward)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
@@ -92,14 +117,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logits  # the softmax took its buffer
             if eager:
                 grad = softmax_minus_target_(softmax, tg, rows, smoothing, vocab)
-                part = _fold(grad, hidden[rows], weight, ctx.compute_dtype, need_h, grad_w, grad_b)
-                if grad_h is not None and part is not None:
-                    grad_h[rows] = part
+                part = _fold(grad, hidden[rows], weight, ctx.compute_dtype, grads, need_h, need_w, need_b)
+                if part is not None:
+                    grads[0][rows] = part  # type: ignore[index]
                 del grad
             del softmax  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.tg, ctx.smoothing, ctx.vocab, ctx.chunk, ctx.eager = tg, smoothing, vocab, chunk, bool(eager)
-        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.grads = grads
         return loss
 
     @staticmethod
@@ -107,7 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: backward ran twice; its gradient buffers are used up")
         hidden, weight, bias, lse = ctx.saved_tensors
-        grad_h, grad_w, grad_b = ctx.grads
+        grads: list[torch.Tensor | None] = ctx.grads
         ctx.grads = None
         tg: TargetSlice = ctx.tg
         g = grad_loss.float().masked_fill(tg.ignored, 0.0)  # [n]
@@ -115,18 +141,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.eager:
             # Folded in the forward with gradient 1 per token: scale the input-gradient rows by their
             # token's gradient, the weight gradient by the most frequent one, then correct the others.
-            if grad_h is not None:
-                grad_h.mul_(g.unsqueeze(-1))
+            if grads[0] is not None:
+                grads[0].mul_(g.unsqueeze(-1))
             values, counts = torch.unique(g[valid], return_counts=True)
             common = values[counts.argmax()] if values.numel() else g.new_zeros(())
-            for buf in (grad_w, grad_b):
+            for buf in grads[1:]:
                 if buf is not None:
                     buf.mul_(common)
             _recompute(ctx, (valid & (g != common)).nonzero().squeeze(-1), g - common, hidden, weight, bias, lse,
-                       None, grad_w, grad_b)
+                       grads, False)
         else:
             # Low precision: the unfused arithmetic chunk by chunk (gradient scaled before the bf16 matmuls).
-            _recompute(ctx, valid.nonzero().squeeze(-1), g, hidden, weight, bias, lse, grad_h, grad_w, grad_b)
+            _recompute(ctx, valid.nonzero().squeeze(-1), g, hidden, weight, bias, lse, grads, ctx.needs[0])
+        need_h, need_w, need_b = ctx.needs
+        grad_h, grad_w, grad_b = grads
+        if need_w and grad_w is None:  # no token reached a chunk
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -136,35 +168,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _fold(
-    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, need_h: bool,
-    grad_w: torch.Tensor | None, grad_b: torch.Tensor | None,
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+    grads: list[torch.Tensor | None], need_h: bool, need_w: bool, need_b: bool,
 ) -> torch.Tensor | None:
-    """Add one chunk's logit gradient ``[c, V/tp]`` to the weight and bias gradients; return its input gradient."""
+    """Add one chunk's logit gradient ``[c, V/tp]`` to ``grads`` = [_, weight grad, bias grad]; return its input grad.
+
+    A gradient entry that is None is created by its first chunk (no zero-filled buffer to add to).
+    """
     low = grad.to(dtype)
-    if grad_w is not None:
-        if dtype == torch.float32:
-            grad_w.addmm_(low.t(), hidden.float())  # [V/tp, c] @ [c, h]
-        else:
-            grad_w.add_(low.t() @ hidden.to(dtype))
-    if grad_b is not None:
-        grad_b.add_(low.sum(dim=0))
+    if need_w:
+        grads[1] = _accumulate(grads[1], low.t(), hidden.to(dtype))  # [V/tp, c] @ [c, h]
+    if need_b:
+        part = low.sum(dim=0).float()
+        grads[2] = part if grads[2] is None else grads[2].add_(part)
     return low @ weight.to(dtype) if need_h else None  # [c, V/tp] @ [V/tp, h] -> [c, h]
 
 
 def _recompute(
     ctx: Any, rows: torch.Tensor, scale: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-    bias: torch.Tensor | None, lse: torch.Tensor, grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
-    grad_b: torch.Tensor | None,
+    bias: torch.Tensor | None, lse: torch.Tensor, grads: list[torch.Tensor | None], need_h: bool,
 ) -> None:
-    """Add ``scale_t * dlogits_t`` of the tokens ``rows`` to the gradients (their logits recomputed)."""
+    """Add ``scale_t * dlogits_t`` of the tokens ``rows`` to the weight/bias ``grads`` (their logits recomputed).
+
+    With ``need_h`` it also writes those tokens' rows of the input gradient ``grads[0]``.
+    """
+    _, need_w, need_b = ctx.needs
     for start in range(0, rows.numel(), ctx.chunk):
         idx = rows[start:start + ctx.chunk]
         logits, dtype = _logits(hidden[idx], weight, bias, ctx.compute_dtype)
         grad = softmax_minus_target_(logits.sub_(lse[idx].unsqueeze(-1)).exp_(), ctx.tg, idx, ctx.smoothing, ctx.vocab)
         grad.mul_(scale[idx].unsqueeze(-1))
-        part = _fold(grad, hidden[idx], weight, dtype, grad_h is not None, grad_w, grad_b)
-        if grad_h is not None and part is not None:
-            grad_h[idx] = part.float()
+        part = _fold(grad, hidden[idx], weight, dtype, grads, need_h, need_w, need_b)
+        if part is not None:
+            grads[0][idx] = part.float()  # type: ignore[index]
 
 
 def linear_cross_entropy(

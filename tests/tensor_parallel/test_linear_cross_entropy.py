@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from megatron_core import parallel_state as ps
 from megatron_core.tensor_parallel import linear_cross_entropy, vocab_parallel_cross_entropy
+from megatron_core.tensor_parallel.linear_cross_entropy import TRANSPOSED_MIN_VOCAB
 from megatron_core.testing import run_distributed
 
 N, H, V = 37, 16, 48
@@ -153,3 +154,21 @@ def test_peak_memory_is_under_a_quarter_of_the_logits_at_gpt2_small_shapes():
           f"fused {fused / 2**20:.1f} MiB (weight grad {weight_grad_bytes / 2**20:.1f} MiB included in both)")
     assert unfused - weight_grad_bytes >= 2 * logits_bytes  # the meter sees the full logits path
     assert fused - weight_grad_bytes <= logits_bytes / 4
+
+
+@pytest.mark.parametrize("upstream", ["mean", "masked", "arbitrary"])
+@pytest.mark.parametrize("eps,chunk", [(0.0, 32), (0.1, 7), (0.0, None)])
+def test_transposed_logits_path_matches_unfused(upstream, eps, chunk):
+    """A vocabulary of >= TRANSPOSED_MIN_VOCAB rows: the logits come from ``weight @ hidden^T`` (transposed view)."""
+    n, vocab = 40, TRANSPOSED_MIN_VOCAB + 4
+    g = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(n, H, generator=g), torch.randn(vocab, H, generator=g) * 0.5
+    bias, target = torch.randn(vocab, generator=g) * 0.1, torch.randint(0, vocab, (n,), generator=g)
+    target[[1, 17]] = -100
+    up = _upstreams(n)[upstream]
+    want = _grads(lambda h, w, b: _reference(eps, -100)(h, w, b, target), hidden, weight, bias, up)
+    got = _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=eps, chunk_tokens=chunk),
+                 hidden, weight, bias, up)
+    # The loss's sums over the vocabulary run in another order: a few fp32 ulps of a loss ~ log(4100) = 8.3.
+    for name, a, b, rtol in zip(("loss", "hidden", "weight", "bias"), got, want, (1e-6, 0, 0, 0), strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
