@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from tests.interop.peak_memory import cli_peak_memory_above_baseline
+
 transformers = pytest.importorskip("transformers")
-
-# Runs in a fresh interpreter: after a warm-up import of a tiny model of the same family, samples anonymous resident memory (heap, not the page cache of the
-# memory-mapped safetensors files) every 2 ms while `import-hf` runs (the CLI: it also bounds malloc's cache); prints baseline and peak in bytes.
-_CHILD = r"""
-import json, sys, threading, time
-from megatron_core.interop.__main__ import main
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-
-peak, done = [0], []
-def sample():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-
-main(["import-hf", sys.argv[3], sys.argv[4]])  # warm-up on a tiny model: imports, registry, tensorstore's pools
-baseline = anon()
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-main(["import-hf", sys.argv[1], sys.argv[2]])
-done.append(1)
-thread.join()
-print(json.dumps({"baseline": baseline, "peak": max(peak[0], anon())}))
-"""
 
 
 @pytest.mark.slow
@@ -49,11 +20,8 @@ def test_import_hf_peak_memory_is_one_group_not_the_model(tmp_path):
     del model
     tiny = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
     transformers.GPT2LMHeadModel._from_config(tiny).save_pretrained(tmp_path / "tiny")
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "hf"), str(tmp_path / "ckpt"),
-                          str(tmp_path / "tiny"), str(tmp_path / "tiny_ckpt")],
-                         capture_output=True, text=True, check=True, timeout=300)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
-    extra = measured["peak"] - measured["baseline"]
+    extra = cli_peak_memory_above_baseline(["import-hf", str(tmp_path / "tiny"), str(tmp_path / "tiny_ckpt")],
+                                           ["import-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")])
     print(f"[import-hf memory] model {model_bytes / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
           f"peak anonymous memory above baseline {extra / 2**20:.0f} MiB ({extra / model_bytes:.0%} of the model)")
     assert extra < min(0.4 * model_bytes, 3 * largest), (extra, model_bytes, largest)

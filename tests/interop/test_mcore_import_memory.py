@@ -7,41 +7,11 @@ a separate process, so that the measuring process holds nothing of it.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from megatron_core.testing import run_distributed
-
-# Fresh interpreter: a warm-up import of a tiny checkpoint (imports, tensorstore's pools), then samples anonymous
-# resident memory every 2 ms while `import-mcore` runs (the CLI, which also bounds malloc's cache).
-_CHILD = r"""
-import json, sys, threading, time
-from megatron_core.interop.__main__ import main
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-
-peak, done = [0], []
-def sample():
-    while not done:
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.002)
-
-main(["import-mcore", sys.argv[3], sys.argv[4], "--config", sys.argv[5]])  # warm-up
-baseline = anon()
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-main(["import-mcore", sys.argv[1], sys.argv[2], "--config", sys.argv[6]])
-done.append(1)
-thread.join()
-print(json.dumps({"baseline": baseline, "peak": max(peak[0], anon())}))
-"""
+from tests.interop.peak_memory import cli_peak_memory_above_baseline
 
 _YAML = """\
 transformer: {{num_layers: {layers}, hidden_size: {hidden}, num_attention_heads: 8, ffn_hidden_size: {ffn},
@@ -95,11 +65,9 @@ def test_import_mcore_peak_memory_is_one_tensor_not_the_model(tmp_path):
     model_bytes = sum(torch.Size(s).numel() * 4 for s in _shapes(**big).values())
     for name, size in (("big", big), ("tiny", tiny)):
         (tmp_path / f"{name}.yaml").write_text(_YAML.format(ffn=4 * size["hidden"], **size))
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "big"), str(tmp_path / "ckpt"),
-                          str(tmp_path / "tiny"), str(tmp_path / "tiny_ckpt"), str(tmp_path / "tiny.yaml"),
-                          str(tmp_path / "big.yaml")], capture_output=True, text=True, check=True, timeout=300)
-    measured = json.loads(out.stdout.strip().splitlines()[-1])
-    extra = measured["peak"] - measured["baseline"]
+    extra = cli_peak_memory_above_baseline(
+        ["import-mcore", str(tmp_path / "tiny"), str(tmp_path / "tiny_ckpt"), "--config", str(tmp_path / "tiny.yaml")],
+        ["import-mcore", str(tmp_path / "big"), str(tmp_path / "ckpt"), "--config", str(tmp_path / "big.yaml")])
     print(f"[import-mcore memory] model {model_bytes / 2**20:.0f} MiB, largest stored chunk {largest / 2**20:.0f} MiB, "
           f"peak anonymous memory above baseline {extra / 2**20:.0f} MiB ({extra / model_bytes:.0%} of the model)")
     assert extra < min(0.4 * model_bytes, 3 * largest), (extra, model_bytes, largest)
