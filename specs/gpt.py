@@ -35,7 +35,15 @@ from megatron_core.transformer.transformer_block import (
     get_transformer_layer_offset,
 )
 from megatron_core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from specs.common import Backend, Normalization, check_dense, resolve_backend, te_mlp, te_self_attention
+from specs.common import (
+    TE_NORM,
+    Backend,
+    Normalization,
+    norm_params,
+    resolve_backend,
+    te_mlp,
+    te_self_attention,
+)
 from specs.moe import get_moe_module_spec
 
 
@@ -112,8 +120,10 @@ def get_gpt_layer_te_spec(
     """A causal self-attention + MLP layer from Transformer Engine kernels (pre-norm layers only).
 
     Args:
-        num_experts: MoE layers have a local spec only (``get_gpt_layer_local_spec``); must be None here.
-        moe_grouped_gemm: MoE option; must be False here.
+        num_experts: an MoE layer in the ``mlp`` slot (``SequentialMLP`` experts and shared expert from
+            ``TEColumnParallelLinear`` / ``TERowParallelLinear``, the local ``TopKRouter``); the pre-MLP
+            norm is then a ``TENorm`` of its own (the router reads the normalised input), not fused.
+        moe_grouped_gemm: must be False (no TE grouped-GEMM experts here).
         qk_layernorm: normalise queries and keys per head before attention (``TENorm``).
         normalization: pin the fused norms to "LayerNorm" or "RMSNorm"; None follows
             ``config.normalization`` (recommended).
@@ -130,15 +140,21 @@ def get_gpt_layer_te_spec(
     """
     if check_te:
         require_te("get_gpt_layer_te_spec()")
-    check_dense(num_experts, moe_grouped_gemm)
+    if moe_grouped_gemm and num_experts is None:
+        raise ValueError("moe_grouped_gemm=True needs num_experts: grouped GEMMs only apply to MoE experts")
+    moe = num_experts is not None
+    if moe and use_te_activation_func:
+        raise NotImplementedError("get_gpt_layer_te_spec(num_experts=..., use_te_activation_func=True): the MoE "
+                                  "experts apply config.activation_func themselves; leave use_te_activation_func=False")
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp,
             self_attention=te_self_attention(AttnMaskType.causal, True, qk_layernorm, normalization),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=te_mlp(True, use_te_activation_func, normalization),
+            pre_mlp_layernorm=ModuleSpec(module=TE_NORM, params=norm_params(normalization)) if moe else IdentityOp,
+            mlp=get_moe_module_spec(moe_grouped_gemm, use_te=True) if moe
+            else te_mlp(True, use_te_activation_func, normalization),
             mlp_bda=get_bias_dropout_add,
         ),
     )

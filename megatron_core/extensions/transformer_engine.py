@@ -119,7 +119,8 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
         init_method: initialiser of the full weight.
         bias: learn a bias.
         skip_bias_add: return the bias instead of adding it (for a fused bias-dropout-add).
-        is_expert: must be False (no MoE).
+        is_expert: an MoE expert's linear: its parameters are tagged ``allreduce = False``
+            (Megatron-Core's marker: reduced over the expert-data-parallel group, not the data-parallel one).
         tp_comm_buffer_name: Megatron-Core's name of the layer's communication buffer; accepted so
             builders can pass it, ignored (no userbuffers comm overlap).
         tp_group: tensor-parallel group; defaults to parallel_state's.
@@ -131,7 +132,6 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
         init_method: Callable[[torch.Tensor], Any], bias: bool, skip_bias_add: bool, is_expert: bool = False,
         tp_comm_buffer_name: str | None = None, tp_group: ProcessGroup | None = None, stride: int = 1,
     ) -> None:
-        _check_layer_options(is_expert, type(self).__name__)
         if parallel_mode not in _LINEAR_MODES:
             raise ValueError(f"{type(self).__name__}: parallel_mode={parallel_mode!r}; use 'column', 'row' or None")
         super().__init__(**_te_linear_kwargs(
@@ -142,6 +142,9 @@ class TELinear(TEModuleMixin, te.pytorch.Linear):
         self.te_return_bias = bool(skip_bias_add and bias)
         del tp_comm_buffer_name  # Megatron-Core-compatible argument; no userbuffers comm overlap here
         self._tp_axis_map = _LINEAR_MODES[parallel_mode][1]
+        for param in (self.weight, getattr(self, "bias", None)):
+            if isinstance(param, torch.nn.Parameter):
+                param.allreduce = not is_expert  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
         """``[s, b, in(/tp)]`` -> ``(output [s, b, out(/tp)], bias or None)``."""

@@ -84,9 +84,17 @@ def test_te_spec_structure() -> None:
     assert get_gpt_layer_te_spec(check_te=False).submodules.mlp.submodules.activation_func is None
 
 
-def test_te_spec_refuses_moe() -> None:
-    with pytest.raises(NotImplementedError, match="num_experts=4"):
-        get_gpt_layer_te_spec(num_experts=4, check_te=False)
+def test_te_spec_moe_slots() -> None:
+    from megatron_core.transformer.moe.moe_layer import MoELayer
+
+    layer = get_gpt_layer_te_spec(num_experts=4, check_te=False).submodules
+    assert layer.pre_mlp_layernorm.module == backends.TE_NORM  # the router reads the normalised input
+    assert layer.mlp.module is MoELayer
+    experts = layer.mlp.submodules.experts.submodules
+    assert experts.linear_fc1.module == backends.TE_COLUMN_PARALLEL_LINEAR
+    assert experts.linear_fc2.module == backends.TE_ROW_PARALLEL_LINEAR
+    with pytest.raises(NotImplementedError, match="moe_grouped_gemm=True"):
+        get_gpt_layer_te_spec(num_experts=4, moe_grouped_gemm=True, check_te=False)
 
 
 def test_auto_picks_te_when_usable() -> None:

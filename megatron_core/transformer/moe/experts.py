@@ -163,12 +163,13 @@ def _expert_forward(expert: MLP, tokens: torch.Tensor, probs: torch.Tensor) -> t
     intermediate = expert._activate(intermediate) * probs.unsqueeze(-1).to(intermediate.dtype)
     fc2 = expert.linear_fc2
     out = torch.nn.functional.linear(intermediate, fc2.weight)  # [n, h], partial sums over TP
-    if fc2.bias is None:
+    bias = fc2.bias
+    if bias is None or bias.numel() == 0:  # TE linears keep an empty tensor when bias=False
         return out
     tp_group = expert.tp_group
     if parallel_state.group_world_size(tp_group) == 1:
-        return out + fc2.bias
+        return out + bias
     # Counted once in the TP sum: added on TP rank 0; the copy all-reduces its gradient to every rank.
     if parallel_state.group_rank(tp_group) == 0:
-        return out + copy_to_tensor_model_parallel_region(fc2.bias, tp_group)
-    return out + 0.0 * copy_to_tensor_model_parallel_region(fc2.bias, tp_group)
+        return out + copy_to_tensor_model_parallel_region(bias, tp_group)
+    return out + 0.0 * copy_to_tensor_model_parallel_region(bias, tp_group)
