@@ -34,14 +34,22 @@ OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
-                betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
+                betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases and norm weights are not decayed).
+
+    ``fused``: torch's fused AdamW kernel (one pass over each parameter; on CPU ~10x faster than the
+    per-tensor loop at GPT-2 small). Deterministic, so a resumed run still equals a straight one, but
+    its rounding differs from the per-tensor loop's (~1e-7 per step), hence off by default: the
+    default stays equal to plain ``torch.optim.AdamW(foreach=False)`` and to the distributed optimizer.
+    """
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     # foreach=False: one code path on every TP size, so resumed and straight runs are bit-equal.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
 

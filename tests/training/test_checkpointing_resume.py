@@ -14,7 +14,7 @@ from specs.gpt import get_gpt_layer_local_spec
 N = 6
 
 
-def _trainer(save_dir, train_iters, tp=1, seed=7, dropout=0.1):
+def _trainer(save_dir, train_iters, tp=1, seed=7, dropout=0.1, fused_adamw=False):
     model_parallel_manual_seed(seed)
     # Dropout on by default, so that a wrong RNG restore would show in the losses.
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=dropout,
@@ -22,26 +22,31 @@ def _trainer(save_dir, train_iters, tp=1, seed=7, dropout=0.1):
     model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=32, max_sequence_length=16)
     settings = TrainingSettings(train_iters=train_iters, lr_decay_iters=N, micro_batch_size=4, grad_accum_steps=2,
                                 lr=3e-3, min_lr=3e-4, warmup_iters=2, clip_grad=0.5, save_dir=str(save_dir),
-                                save_interval=0, progress_bar=False, seed=11)
+                                save_interval=0, progress_bar=False, seed=11, fused_adamw=fused_adamw)
     return Trainer(model, settings, AlphabetDataset(1000, 16, seed=0))
 
 
-def _straight_and_resumed(tmp, tp=1):
-    straight = _trainer(f"{tmp}/straight", N, tp).train()
-    first = _trainer(f"{tmp}/split", N // 2, tp).train()
+def _straight_and_resumed(tmp, tp=1, fused_adamw=False):
+    straight = _trainer(f"{tmp}/straight", N, tp, fused_adamw=fused_adamw).train()
+    first = _trainer(f"{tmp}/split", N // 2, tp, fused_adamw=fused_adamw).train()
     torch.manual_seed(12345)  # the checkpoint must restore every generator, whatever happened since
-    resumed_trainer = _trainer(f"{tmp}/split", N, tp, seed=99)  # different init: overwritten by the load
+    # different init: overwritten by the load
+    resumed_trainer = _trainer(f"{tmp}/split", N, tp, seed=99, fused_adamw=fused_adamw)
+    assert bool(resumed_trainer.optimizer.defaults.get("fused")) == fused_adamw
     second = resumed_trainer.train()
     return straight, first, second
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
-    straight, first, second = _straight_and_resumed(tmp_path)
+@pytest.mark.parametrize("fused_adamw", [False, True])
+def test_resume_continues_the_same_loss_curve(tmp_path, fused_adamw):
+    straight, first, second = _straight_and_resumed(tmp_path, fused_adamw=fused_adamw)
     assert second.start_iteration == N // 2 and second.iteration == N
     assert latest_checkpoint(tmp_path / "split").name == f"iter_{N:07d}"
     resumed = first.losses + second.losses
     assert len(resumed) == N
     assert resumed == pytest.approx(straight.losses, abs=1e-6)
+    if fused_adamw:  # torch's fused kernel is deterministic: the resumed run is bit-equal
+        assert resumed == straight.losses
     assert straight.losses[-1] < straight.losses[0]
 
 
