@@ -47,16 +47,22 @@ class SavePlan:
 
     records: dict[str, TensorRecord]
     object_paths: ObjectPaths  # (key, offset) -> (relative file path, global shape, writing rank)
-    mains: dict[str, list[ShardDesc]] = field(default_factory=dict)  # keys whose records lack their shards
+    # keys whose records lack their shards -> their main replicas; None: dropped (ranks other than 0,
+    # which never write metadata.json: at thousands of ranks these are ~100 MB a rank would keep cached)
+    mains: dict[str, list[ShardDesc]] | None = field(default_factory=dict)
     _full: dict[str, TensorRecord] | None = None
 
     def full_records(self) -> dict[str, TensorRecord]:
         """``records`` with every stored shard listed (built once per plan; the plan is cached)."""
         if self._full is None:
+            mains = self.mains
+            if mains is None:
+                raise RuntimeError("this rank's save plan dropped the shard lists: only rank 0 writes metadata.json")
             with gc_paused():
-                self._full = {key: rec if key not in self.mains else rec.model_copy(update={"shards": [
+                self._full = {key: rec if key not in mains else rec.model_copy(update={"shards": [
                     ShardRecord(offset=d.offset, shape=d.shape, rank=d.rank)
-                    for d in sorted(self.mains[key], key=_offset)]}) for key, rec in self.records.items()}
+                    for d in sorted(mains[key], key=_offset)]}) for key, rec in self.records.items()}
+            self.mains = {}  # now in the records
         return self._full
 
 
@@ -90,6 +96,9 @@ class PlanCache:
             validated = validate_gathered(comm.all_gather_object(summarize(descs, comm.rank()), group=group))
             problems += validated.problems
             plan = plan_validated(validated) if not problems else SavePlan({}, {})
+            del validated
+        if comm.rank() != 0:
+            plan.mains = None
         if not problems:
             self.key, self.plan_ = combined, plan
         else:

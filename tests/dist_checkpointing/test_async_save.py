@@ -149,6 +149,11 @@ def _two_ranks(full, root):
     handle.wait()
     dc.async_save(sharded(full, rank, world), f"{root}/b").wait()  # same structure: the plan is reused
     hits = save_job._plan_cache.hits
+    plan = save_job._plan_cache.plan_
+    assert plan is not None
+    kept = plan.mains is not None  # the shard lists for metadata.json: only rank 0 keeps them
+    loaded_b = dc.load(sharded(full, rank, world, empty=True), f"{root}/b")
+    assert_bit_exact(flat_loaded(loaded_b), expected_local(full, rank, world))
     # one rank moves a shard: every rank notices, plans afresh and reports the overlap
     moved = sharded(full, rank, world)
     moved["model"]["col"] = ShardedTensor.from_rank_offsets("col", moved["model"]["col"].data, (0, 0, world))
@@ -159,12 +164,14 @@ def _two_ranks(full, root):
         raised = str(e)
     loaded = dc.load(sharded(full, rank, world, empty=True), f"{root}/a")
     assert_bit_exact(flat_loaded(loaded), expected_local(full, rank, world))
-    return hits, raised
+    return hits, raised, kept
 
 
 def test_two_ranks_async_save_with_concurrent_training_collectives(tmp_path):
     full = full_state(seed=4)
-    for hits, raised in run_distributed(_two_ranks, 2, full, str(tmp_path), tmp_dir=tmp_path):
+    results = run_distributed(_two_ranks, 2, full, str(tmp_path), tmp_dir=tmp_path)
+    assert [kept for _, _, kept in results] == [True, False]
+    for hits, raised, _ in results:
         assert hits == 1
         assert "col: global shape (16, 6): overlap [0:8, 0:6] is written by 2 main replicas" in raised
 
