@@ -6,6 +6,12 @@ noise hits both alike. Reports the median step time, tokens/s and the ratio ours
 
     .venv/bin/python bench/gpt_vs_hf.py                       # tiny + gpt2-small, 2 threads
     .venv/bin/python bench/gpt_vs_hf.py --shapes tiny --profile
+    .venv/bin/python bench/gpt_vs_hf.py --fused-adamw          # both on torch's fused AdamW
+
+Optimizer: by default both models step ``torch.optim.AdamW`` with torch's CPU default (the
+per-tensor loop), which is what our Trainer uses by default (``training.fused_adamw: false``).
+``--fused-adamw`` gives BOTH models ``AdamW(fused=True)``: our ``training.fused_adamw: true`` and the
+Hugging Face Trainer's own default (``adamw_torch_fused`` with torch >= 2.8).
 """
 
 from __future__ import annotations
@@ -57,11 +63,12 @@ def build_models(shape: Shape, dropout: float) -> tuple[torch.nn.Module, torch.n
 
 
 def make_steps(
-    ours: torch.nn.Module, hf: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor
+    ours: torch.nn.Module, hf: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, fused_adamw: bool = False
 ) -> tuple[Callable[[], float], Callable[[], float]]:
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    fused = {"fused": True} if fused_adamw else {}
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, **fused)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, **fused)
 
     def step_ours() -> float:
         opt_ours.zero_grad(set_to_none=True)
@@ -109,7 +116,7 @@ def run_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     ours, hf = build_models(shape, args.dropout)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
-    step_ours, step_hf = make_steps(ours, hf, tokens, labels)
+    step_ours, step_hf = make_steps(ours, hf, tokens, labels, args.fused_adamw)
     times_ours, times_hf, cpu_ours, cpu_hf, first = [], [], [], [], None
     for i in range(args.warmup + args.steps):
         # Alternate which model goes first, so that neither always inherits the other's cache state.
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout of both models (default 0)")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for both models")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model after timing")
     parser.add_argument("--profile-rows", type=int, default=20)
     args = parser.parse_args()
@@ -159,7 +167,8 @@ def main() -> None:
         results[key] = run_shape(SHAPES[key], args)
 
     print(f"\nOne training step (fwd + bwd + AdamW), fp32, CPU, torch {torch.__version__}, "
-          f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warmup, dropout {args.dropout}\n")
+          f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warmup, dropout {args.dropout}, "
+          f"AdamW {'fused' if args.fused_adamw else 'per-tensor loop'} (both)\n")
     print("| shape | ours ms/step | HF ms/step | ours tokens/s | HF tokens/s | ours / HF | "
           "ours / HF (min) | ours / HF (CPU time) | first-step loss diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

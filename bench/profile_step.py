@@ -11,6 +11,7 @@ its two backward products) timed alone with ``torch.mm``, their FLOPs over their
 
     .venv/bin/python bench/profile_step.py                       # tiny and gpt2-small, 2 threads
     .venv/bin/python bench/profile_step.py --shapes tiny --compile
+    .venv/bin/python bench/profile_step.py --fused-adamw         # the optimizer as training.fused_adamw: true
 
 Wall times on a shared machine are noisy; the categories are shares of one profiled step.
 """
@@ -108,7 +109,7 @@ def profile_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
 
     torch.manual_seed(0)
     model = build(shape, args.compile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if args.fused_adamw else {}))
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     positions = torch.arange(shape.seq).expand(shape.batch, -1)
@@ -134,7 +135,8 @@ def profile_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     best = min(times)
     achieved = step_flops(model, shape) / best / 1e9
     limit = matmul_limit(shape)
-    print(f"\n### {shape.name}{' (compiled layers)' if args.compile else ''}: step {best * 1e3:.0f} ms (best of "
+    extras = (" (compiled layers)" if args.compile else "") + (" (fused AdamW)" if args.fused_adamw else "")
+    print(f"\n### {shape.name}{extras}: step {best * 1e3:.0f} ms (best of "
           f"{args.steps}), {achieved:.1f} GFLOP/s = {100 * achieved / limit:.0f}% of the matmul limit "
           f"{limit:.1f} GFLOP/s measured in this run\n")
     print("| category | ms (profiled step) | share |")
@@ -151,6 +153,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of every TransformerLayer")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (training.fused_adamw)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, fwd+bwd+AdamW")

@@ -172,3 +172,31 @@ def test_transposed_logits_path_matches_unfused(upstream, eps, chunk):
     # The loss's sums over the vocabulary run in another order: a few fp32 ulps of a loss ~ log(4100) = 8.3.
     for name, a, b, rtol in zip(("loss", "hidden", "weight", "bias"), got, want, (1e-6, 0, 0, 0), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _large_vocab_data():
+    n, vocab = 24, 2 * (TRANSPOSED_MIN_VOCAB + 4)  # each of 2 ranks holds >= TRANSPOSED_MIN_VOCAB rows
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(n, H, generator=g), torch.randn(vocab, H, generator=g) * 0.5
+    bias, target = torch.randn(vocab, generator=g) * 0.1, torch.randint(0, vocab, (n,), generator=g)
+    target[3] = -100
+    return hidden, weight, bias, target, _upstreams(n)["masked"]
+
+
+def _on_rank_large_vocab() -> list[torch.Tensor]:
+    ps.initialize_model_parallel(2)
+    rank = ps.get_tensor_model_parallel_rank()
+    hidden, weight, bias, target, up = _large_vocab_data()
+    return _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=0.1, chunk_tokens=16),
+                  hidden, weight.chunk(2)[rank], bias.chunk(2)[rank], up)
+
+
+def test_transposed_logits_path_at_tp2_matches_single_process(tmp_path):
+    hidden, weight, bias, target, up = _large_vocab_data()
+    want = _grads(lambda h, w, b: _reference(0.1, -100)(h, w, b, target), hidden, weight, bias, up)
+    ranks = run_distributed(_on_rank_large_vocab, 2, tmp_dir=tmp_path)
+    for rank, (loss, _, g_weight, g_bias) in enumerate(ranks):
+        torch.testing.assert_close(loss, want[0], atol=ATOL, rtol=1e-6)
+        torch.testing.assert_close(g_weight, want[2].chunk(2)[rank], atol=ATOL, rtol=0)
+        torch.testing.assert_close(g_bias, want[3].chunk(2)[rank], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ranks[0][1] + ranks[1][1], want[1], atol=ATOL, rtol=0)
