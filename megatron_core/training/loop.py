@@ -324,6 +324,8 @@ class Trainer:
             if s.save_dir and self._due(s.save_interval):
                 result.checkpoint = self.save()
         self.wait_for_checkpoint()
+        if s.async_save:
+            dist_checkpointing.release_snapshot_buffers()  # the host copy kept for the next async save
         bar.close()
         result.iteration = self.iteration
         return result

@@ -7,6 +7,7 @@ import torch
 from megatron_core import TransformerConfig
 from megatron_core import dist_checkpointing as dc
 from megatron_core.data import AlphabetDataset
+from megatron_core.dist_checkpointing import background
 from megatron_core.models.gpt import GPTModel
 from megatron_core.tensor_parallel import model_parallel_manual_seed
 from megatron_core.training import Trainer, TrainingSettings, latest_checkpoint
@@ -34,6 +35,7 @@ def test_async_save_and_keep_last_n(tmp_path):
     sync = _trainer(tmp_path / "sync", 8).train()
     run = _trainer(tmp_path / "async", 6, async_save=True, keep_last_n=2).train()
     assert run.losses == sync.losses[:6]  # saving in the background changes nothing in training
+    assert not background._free_buffers  # the snapshot buffers reused between saves are freed at the end
     assert _iters(tmp_path / "async") == ["iter_0000004", "iter_0000006"]  # iter 2 deleted after 6 committed
     assert _iters(tmp_path / "sync") == ["iter_0000002", "iter_0000004", "iter_0000006", "iter_0000008"]
     for it in ("iter_0000004", "iter_0000006"):  # bit-identical to what a synchronous save wrote
