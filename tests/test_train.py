@@ -100,3 +100,22 @@ def test_torchrun_two_processes_at_tp2_train_like_one_process(tmp_path):
     one = main(_args(tmp_path, 3)).losses
     assert len(two) == 3
     assert two == pytest.approx(one, abs=1e-5)  # TP=2 only reorders float sums
+
+
+def test_text_dataset_is_rebuilt_when_the_file_list_changes(tmp_path):
+    """Same data.prefix, another (older) file list: the dataset holds the new files' tokens only."""
+    import os
+
+    from megatron_core.data import IndexedDataset
+    from megatron_core.training.run_config import DataSection, build_datasets
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aaaa " * 40)
+    b.write_text("bbbbbbbb " * 40)
+    prefix = tmp_path / "data/text"
+    build_datasets(DataSection(kind="text", paths=[str(a), str(b)], prefix=str(prefix), seq_length=8))
+    both = sum(len(IndexedDataset(prefix)[i]) for i in range(len(IndexedDataset(prefix))))
+    os.utime(a, (1, 1))  # older than the .idx: only the changed file list can trigger the rebuild
+    build_datasets(DataSection(kind="text", paths=[str(a)], prefix=str(prefix), seq_length=8))
+    only_a = sum(len(IndexedDataset(prefix)[i]) for i in range(len(IndexedDataset(prefix))))
+    assert only_a < both and only_a == len(a.read_bytes()) + 1  # the bytes of a.txt and its <eos>

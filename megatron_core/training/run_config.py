@@ -145,6 +145,19 @@ class RunConfig(BaseModel):
     parallel: ParallelSection = Field(default_factory=ParallelSection)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
+    @model_validator(mode="after")
+    def _check_interleaved(self) -> RunConfig:
+        # Checked here too (the Trainer checks it on every rank) so the CLI answers with one line, not a traceback.
+        p, v = self.parallel.pipeline_model_parallel_size, self.parallel.virtual_pipeline_model_parallel_size
+        accum = self.training.grad_accum_steps
+        if v is not None and accum % p != 0:
+            raise ValueError(
+                f"training.grad_accum_steps={accum} must be a multiple of parallel.pipeline_model_parallel_size={p} "
+                f"for the interleaved schedule (parallel.virtual_pipeline_model_parallel_size={v}); "
+                f"set training.grad_accum_steps={p} (or a multiple)"
+            )
+        return self
+
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         """Read ``path``; each override ``"a.b.c=VALUE"`` (VALUE parsed as YAML) replaces one entry."""
@@ -227,6 +240,7 @@ def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.D
             assert not isinstance(tokenizer, AlphabetTokenizer)
             build_from_text(paths, prefix, tokenizer=tokenizer, split_paragraphs=data.split_paragraphs)
             prefix.with_suffix(".tokenizer").write_text(_tokenizer_identity(data))
+            prefix.with_suffix(".sources").write_text(_sources_identity(paths))
         if dist.is_initialized():
             dist.barrier()
     packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
@@ -257,10 +271,17 @@ def _tokenizer_identity(data: DataSection) -> str:
     return f"hf {path.resolve()} sha256={digest} eos={data.tokenizer.eos_token}"
 
 
+def _sources_identity(paths: list[str]) -> str:
+    """Which files PREFIX.bin was built from (kept beside it as ``PREFIX.sources``): another list rebuilds it."""
+    return "\n".join(str(Path(p).resolve()) for p in paths)
+
+
 def _up_to_date(prefix: Path, sources: list[str], tokenizer: str = "byte") -> bool:
     idx, recorded = prefix.with_suffix(".idx"), prefix.with_suffix(".tokenizer")
     same_tokenizer = (recorded.read_text() if recorded.is_file() else "byte") == tokenizer
-    return (same_tokenizer and idx.is_file()
+    built_from = prefix.with_suffix(".sources")
+    same_sources = built_from.is_file() and built_from.read_text() == _sources_identity(sources)
+    return (same_tokenizer and same_sources and idx.is_file()
             and all(Path(s).stat().st_mtime <= idx.stat().st_mtime for s in sources))
 
 

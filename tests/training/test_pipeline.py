@@ -256,3 +256,12 @@ def test_virtual_pipeline_needs_pipeline_parallelism_in_the_run_config():
 
     with pytest.raises(ValueError, match="pipeline_model_parallel_size >= 2"):
         ParallelSection(virtual_pipeline_model_parallel_size=2)
+
+
+def test_interleaved_run_config_needs_micro_batches_in_multiples_of_pp():
+    from megatron_core.training.run_config import RunConfig
+
+    parallel = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+    with pytest.raises(ValueError, match="grad_accum_steps=1 must be a multiple of parallel.pipeline_model_parallel_size=2"):
+        RunConfig(transformer={}, parallel=parallel, training={"grad_accum_steps": 1})
+    assert RunConfig(transformer={}, parallel=parallel, training={"grad_accum_steps": 4}).training.grad_accum_steps == 4
