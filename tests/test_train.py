@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_core.cli import UserError
 from megatron_core.train import main
 from megatron_core.training import latest_checkpoint
 from megatron_core.training.run_config import RunConfig, build_spec
@@ -119,3 +120,26 @@ def test_text_dataset_is_rebuilt_when_the_file_list_changes(tmp_path):
     build_datasets(DataSection(kind="text", paths=[str(a)], prefix=str(prefix), seq_length=8))
     only_a = sum(len(IndexedDataset(prefix)[i]) for i in range(len(IndexedDataset(prefix))))
     assert only_a < both and only_a == len(a.read_bytes()) + 1  # the bytes of a.txt and its <eos>
+
+
+def test_text_data_too_small_for_validation_trains_without_it(tmp_path):
+    """valid_fraction=0, or too few samples to hold one out: no validation (it used to crash after training)."""
+    from megatron_core.training.run_config import DataSection, build_datasets
+
+    (tmp_path / "a.txt").write_text("x" * 40)  # several samples of 8 tokens
+    (tmp_path / "b.txt").write_text("x" * 9)  # one sample: nothing to hold out
+    for name, fraction in (("a", 0.0), ("b", 0.3)):
+        train, valid = build_datasets(DataSection(kind="text", paths=[str(tmp_path / f"{name}.txt")],
+                                                  prefix=str(tmp_path / name), seq_length=8, valid_fraction=fraction))
+        assert valid is None and len(train) == (5 if name == "a" else 1)  # type: ignore[arg-type]
+    result = main(["--config", str(CONFIG.parent / "text_gpt.yaml"), "--set", f"data.paths=[{tmp_path}/a.txt]",
+                   "--set", f"data.prefix={tmp_path / 'd'}", "--set", "data.seq_length=8",
+                   "--set", "transformer.num_layers=1", "--set", "transformer.hidden_size=32",
+                   "--set", "training.train_iters=2", "--set", "training.warmup_iters=1",
+                   "--set", "data.valid_fraction=0", "--set", f"training.save_dir={tmp_path / 'ckpt'}",
+                   "--set", "training.metrics_file=null", "--set", "training.progress_bar=false"])
+    assert result.iteration == 2 and latest_checkpoint(tmp_path / "ckpt") is not None
+    (tmp_path / "tiny.txt").write_text("x")
+    with pytest.raises(UserError, match="cannot fill one sample of seq_length=8"):
+        build_datasets(DataSection(kind="text", paths=[str(tmp_path / "tiny.txt")], prefix=str(tmp_path / "t"),
+                                   seq_length=8))

@@ -225,8 +225,15 @@ def _text_prefix(data: DataSection) -> Path:
     return Path(data.prefix) if data.prefix else Path("runs/data") / Path(data.paths[0]).stem
 
 
-def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """(train, valid) datasets. For ``text``, rank 0 first builds PREFIX.bin/.idx (once)."""
+def build_datasets(data: DataSection, seed: int = 0
+                   ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """(train, valid) datasets. For ``text``, rank 0 first builds PREFIX.bin/.idx (once).
+
+    ``valid`` is None when nothing is held out (``data.valid_fraction=0``, or a single sample).
+
+    Raises:
+        UserError: the data cannot fill one sample of ``data.seq_length`` tokens.
+    """
     if data.kind == "alphabet":
         # Distinct seeds: validation sequences are drawn independently of training ones.
         return (AlphabetDataset(data.num_train_samples, data.seq_length, seed=seed, min_letters=data.min_letters),
@@ -243,8 +250,17 @@ def build_datasets(data: DataSection, seed: int = 0) -> tuple[torch.utils.data.D
             prefix.with_suffix(".sources").write_text(_sources_identity(paths))
         if dist.is_initialized():
             dist.barrier()
-    packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
-    return split_train_valid(packed, data.valid_fraction)
+    try:
+        packed = PackedSequenceDataset(IndexedDataset(prefix), data.seq_length)
+    except ValueError as err:  # too few tokens for one sample: the user's data, answered in one line
+        raise UserError(str(err)) from err
+    train, valid = split_train_valid(packed, data.valid_fraction)
+    if len(valid) == 0:  # type: ignore[arg-type]
+        if data.valid_fraction > 0:
+            logger.warning("data.valid_fraction=%s of %d sample(s) holds none out: training without validation",
+                           data.valid_fraction, len(packed))
+        return train, None
+    return train, valid
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
