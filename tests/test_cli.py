@@ -107,3 +107,14 @@ def test_training_without_a_terminal_logs_plain_lines(caplog):
              and "/" in r.getMessage()]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"], lines
     assert all("tokens/s" in line and "lr" in line for line in lines)
+
+
+def test_preprocess_runs_as_a_module_without_a_runpy_warning(tmp_path):
+    """``python -m megatron_core.data.preprocess`` as the README shows it: no "found in sys.modules" warning."""
+    (tmp_path / "a.txt").write_text("hello\n")
+    proc = subprocess.run([sys.executable, "-m", "megatron_core.data.preprocess", "--input", str(tmp_path / "a.txt"),
+                           "--output-prefix", str(tmp_path / "data/a")], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and "wrote" in proc.stderr + proc.stdout, proc.stderr
+    assert (tmp_path / "data/a.idx").is_file()

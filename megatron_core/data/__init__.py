@@ -10,7 +10,7 @@ from megatron_core.data.indexed_dataset import (
 )
 from megatron_core.data.loader import MicroBatchIterator, collate
 from megatron_core.data.packing import PackedSequenceDataset, split_train_valid
-from megatron_core.data.preprocess import build_from_text
+from megatron_core.data.text_build import build_from_text
 from megatron_core.data.tokenizer import ByteTokenizer, pad_vocab_size
 
 __all__ = [
