@@ -43,6 +43,7 @@ from megatron_core.interop.registry import (
     load_family_modules,
     registered_families,
 )
+from megatron_core.training.checkpointing import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -163,12 +164,22 @@ def _description(checkpoint: Path, config: str | Path | None) -> ModelDescriptio
     return from_run_config(yaml.safe_load(Path(config).read_text()))
 
 
+def _latest_if_save_dir(path: Path) -> Path:
+    """A Trainer's save dir (``iter_*`` checkpoints, no ``metadata.json`` of its own) -> its latest complete one."""
+    if (path / "metadata.json").is_file() or not path.is_dir():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        logger.info("%s: exporting its latest checkpoint, %s", path, latest.name)
+    return latest or path
+
+
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
               max_shard_size: str | int = "2GB", config: str | Path | None = None,
               family: str | None = None) -> Path:
     """Write ``config.json``, safetensors (sharded with an index when larger than ``max_shard_size``) and
     the tokenizer files the checkpoint knows, into ``out_dir``; returns it."""
-    checkpoint, out = Path(checkpoint_dir), Path(out_dir)
+    checkpoint, out = _latest_if_save_dir(Path(checkpoint_dir)), Path(out_dir)
     description = _description(checkpoint, config)
     blueprint = _blueprint(description)
     hf_family = _family(description, blueprint, family)

@@ -71,3 +71,19 @@ def test_plain_dist_checkpointing_save_exports_with_config(tmp_path):
         want = model.to(torch.bfloat16)(tokens, torch.arange(16).expand(2, 16), None).float()
         got = hf(input_ids=tokens).logits.float()
     torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+
+
+def test_a_save_dir_exports_its_latest_checkpoint(tmp_path):
+    """``export-hf RUN_DIR``: a directory of iter_* checkpoints (the Trainer's save_dir) exports its latest one."""
+    from megatron_core import dist_checkpointing
+    from megatron_core.training.run_config import build_model
+
+    run = RunConfig.from_yaml(CONFIG)
+    for iteration, seed in ((2, 0), (4, 1)):
+        torch.manual_seed(seed)
+        model = build_model(run).eval()
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path / f"run/iter_{iteration:07d}"))
+    (tmp_path / "run/iter_0000006").mkdir()  # an unfinished save: no metadata.json, skipped
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--config", str(CONFIG)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    assert torch.equal(hf.transformer.wte.weight, model.state_dict()["embedding.word_embeddings.weight"])
