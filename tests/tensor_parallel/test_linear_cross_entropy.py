@@ -169,8 +169,10 @@ def test_transposed_logits_path_matches_unfused(upstream, eps, chunk):
     want = _grads(lambda h, w, b: _reference(eps, -100)(h, w, b, target), hidden, weight, bias, up)
     got = _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=eps, chunk_tokens=chunk),
                  hidden, weight, bias, up)
-    # The loss's sums over the vocabulary run in another order: a few fp32 ulps of a loss ~ log(4100) = 8.3.
-    for name, a, b, rtol in zip(("loss", "hidden", "weight", "bias"), got, want, (1e-6, 0, 0, 0), strict=True):
+    # The sums over the 4100-row vocabulary (the loss's log-partition, the input gradient G @ W) run in
+    # another order than the reference's, and MKL's order depends on the thread count: at 2 threads the
+    # input gradient (values ~0.5) differs by up to ~4 ulps relative. A real error is orders larger.
+    for name, a, b, rtol in zip(("loss", "hidden", "weight", "bias"), got, want, (1e-6, 1e-5, 0, 0), strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
