@@ -49,7 +49,7 @@ SHAPES = {
 }
 
 
-def build_models(shape: Shape, dropout: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_models(shape: Shape, dropout: float, cpu_matmul: str = "onednn") -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -58,7 +58,7 @@ def build_models(shape: Shape, dropout: float) -> tuple[torch.nn.Module, torch.n
         bos_token_id=0, eos_token_id=0,
     )
     hf = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa", dtype=torch.float32).train()
-    ours = from_hf(hf).train()
+    ours = from_hf(hf, config_overrides={"cpu_matmul": cpu_matmul}).train()
     return ours, hf
 
 
@@ -113,7 +113,7 @@ def profile(name: str, fn: Callable[[], float], rows: int) -> None:
 
 def run_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
-    ours, hf = build_models(shape, args.dropout)
+    ours, hf = build_models(shape, args.dropout, args.cpu_matmul)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     step_ours, step_hf = make_steps(ours, hf, tokens, labels, args.fused_adamw)
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout of both models (default 0)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for both models")
+    parser.add_argument("--cpu-matmul", default="onednn", choices=["onednn", "torch"],
+                        help="our TransformerConfig.cpu_matmul (torch: MKL through F.linear, as HF uses)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model after timing")
     parser.add_argument("--profile-rows", type=int, default=20)
     args = parser.parse_args()
@@ -168,7 +170,7 @@ def main() -> None:
 
     print(f"\nOne training step (fwd + bwd + AdamW), fp32, CPU, torch {torch.__version__}, "
           f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warmup, dropout {args.dropout}, "
-          f"AdamW {'fused' if args.fused_adamw else 'per-tensor loop'} (both)\n")
+          f"AdamW {'fused' if args.fused_adamw else 'per-tensor loop'} (both), our cpu_matmul {args.cpu_matmul}\n")
     print("| shape | ours ms/step | HF ms/step | ours tokens/s | HF tokens/s | ours / HF | "
           "ours / HF (min) | ours / HF (CPU time) | first-step loss diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -7,7 +7,9 @@ optimizer (``AdamW.step``), communication (c10d). Achieved throughput counts the
 ``6 x params x tokens`` (params without the position table; a tied head counted once) plus
 attention ``12 x layers x b x s^2 x h`` (QK^T and AV, forward and backward, non-causal count).
 The matmul limit is measured in the same run: the step's own GEMM shapes (every linear's forward and
-its two backward products) timed alone with ``torch.mm``, their FLOPs over their time.
+its two backward products) timed alone, each with the faster of ``torch.mm`` (MKL) and oneDNN's matmul
+(which our CPU fp32 linears use, see ``megatron_core.tensor_parallel.cpu_matmul``), their FLOPs over
+their time.
 
     .venv/bin/python bench/profile_step.py                       # tiny and gpt2-small, 2 threads
     .venv/bin/python bench/profile_step.py --shapes tiny --compile
@@ -31,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpt_vs_hf import SHAPES, Shape  # noqa: E402
 from megatron_core.config import TransformerConfig  # noqa: E402
 from megatron_core.models.gpt import GPTModel  # noqa: E402
+from megatron_core.tensor_parallel.cpu_matmul import matmul_nt, onednn_applies  # noqa: E402
 from specs.gpt import get_gpt_layer_local_spec  # noqa: E402
 
 CATEGORIES = ("matmuls", "attention", "norms/act/elementwise", "embedding", "output layer + loss", "optimizer",
               "communication")
-_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::matmul")
+_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::matmul",
+               "mkldnn::_linear_pointwise")
 # Parent events whose whole subtree belongs to one category (checked from the innermost outwards).
 _SCOPES = (
     ("_LinearCrossEntropy", "output layer + loss"),
@@ -80,7 +84,7 @@ def step_flops(model: GPTModel, shape: Shape) -> float:
 
 
 def matmul_limit(shape: Shape, repeats: int = 3) -> float:
-    """GFLOP/s of the step's GEMM shapes run alone: sum of FLOPs / sum of best times."""
+    """GFLOP/s of the step's GEMM shapes run alone: sum of FLOPs / sum of best times (MKL or oneDNN)."""
     t, h, ffn, v = shape.batch * shape.seq, shape.hidden, 4 * shape.hidden, shape.vocab
     linears = [(h, 3 * h)] + [(h, h)] + [(h, ffn), (ffn, h)]  # per layer: qkv, proj, fc1, fc2
     gemms = []
@@ -92,12 +96,14 @@ def matmul_limit(shape: Shape, repeats: int = 3) -> float:
     for m, k, n in gemms:
         if (m, k, n) not in cache:
             a, b = torch.randn(m, k), torch.randn(k, n)
-            torch.mm(a, b)
+            kernels = [torch.mm] + ([lambda x, y: matmul_nt(x, y.t())] if onednn_applies("onednn", a) else [])
             best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.mm(a, b)
-                best = min(best, time.perf_counter() - start)
+            for kernel in kernels:
+                kernel(a, b)
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    kernel(a, b)
+                    best = min(best, time.perf_counter() - start)
             cache[(m, k, n)] = best
         total_flops += 2.0 * m * k * n
         total_time += cache[(m, k, n)]

@@ -87,6 +87,10 @@ class TransformerConfig(BaseModel):
     cross_entropy_loss_fusion: bool = True
     apply_residual_connection_post_layernorm: bool = False
     use_te_activation_func: bool = False
+    # fp32 matmuls of the local linear layers and the fused loss on CPU: "onednn" (oneDNN's matmul,
+    # faster than MKL's sgemm on the AVX-512 machines measured) or "torch" (F.linear, bit-equal to torch.nn).
+    # Not a CPU fp32 tensor (CUDA, bf16, autocast): F.linear either way.
+    cpu_matmul: Literal["onednn", "torch"] = "onednn"
 
     # ---- parallelism
     tensor_model_parallel_size: int = 1

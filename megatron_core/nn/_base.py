@@ -80,12 +80,15 @@ def dtype_name(dtype: torch.dtype | None) -> DtypeName:
 
 
 def linear_layer_config(dtype: torch.dtype | None, perform_initialization: bool = True) -> TransformerConfig:
-    """The config a bare parallel linear/embedding needs: only its dtype and init switch matter."""
+    """The config a bare parallel linear/embedding needs: only its dtype and init switch matter.
+
+    Matmuls through ``F.linear`` (``cpu_matmul="torch"``): a drop-in layer gives torch.nn's bits.
+    """
     world = tp_size()  # the sizes only have to be divisible by it
     return TransformerConfig(
         num_layers=1, hidden_size=world, num_attention_heads=world, ffn_hidden_size=world,
         params_dtype=dtype_name(dtype), perform_initialization=perform_initialization,
-        tensor_model_parallel_size=world,
+        tensor_model_parallel_size=world, cpu_matmul="torch",
     )
 
 

@@ -24,6 +24,7 @@ from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict
 from megatron_core.module import MegatronModule, make_sharded_tensors_for_checkpoint
+from megatron_core.tensor_parallel.cpu_matmul import linear
 from megatron_core.tensor_parallel.linear_cross_entropy import linear_cross_entropy
 from megatron_core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -192,7 +193,7 @@ class ColumnParallelLinear(MegatronModule):
         weight = self._weight_for(weight)
         input_parallel = self._input_parallel(input_)
         bias = self.bias if not self.skip_bias_add else None
-        output_parallel = F.linear(input_parallel, weight, bias)  # [s, b, out/tp]
+        output_parallel = linear(input_parallel, weight, bias, self.config.cpu_matmul)  # [s, b, out/tp]
 
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         output = gather_from_tensor_model_parallel_region(output_parallel, self.tp_group) if gather \
@@ -253,6 +254,7 @@ class ColumnParallelLinear(MegatronModule):
         return linear_cross_entropy(
             self._input_parallel(input_), self._weight_for(weight), target, self.bias,
             label_smoothing=label_smoothing, chunk_tokens=chunk_tokens, group=self.tp_group,
+            cpu_matmul=self.config.cpu_matmul,
         )
 
     def sharded_state_dict(
@@ -341,7 +343,7 @@ class RowParallelLinear(MegatronModule):
             input_parallel = input_
         else:
             input_parallel = scatter_to_tensor_model_parallel_region(input_, self.tp_group)  # [.., in]->[.., in/tp]
-        output_parallel = F.linear(input_parallel, self.weight)  # partial sums [s, b, out]
+        output_parallel = linear(input_parallel, self.weight, None, self.config.cpu_matmul)  # partial sums [s, b, out]
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(output_parallel, self.tp_group)  # [s/tp, b, out]
         else:
