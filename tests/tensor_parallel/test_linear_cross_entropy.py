@@ -158,8 +158,10 @@ def test_peak_memory_is_under_a_quarter_of_the_logits_at_gpt2_small_shapes():
 
 @pytest.mark.parametrize("upstream", ["mean", "masked", "arbitrary"])
 @pytest.mark.parametrize("eps,chunk", [(0.0, 32), (0.1, 7), (0.0, None)])
-def test_transposed_logits_path_matches_unfused(upstream, eps, chunk):
-    """A vocabulary of >= TRANSPOSED_MIN_VOCAB rows: the logits come from ``weight @ hidden^T`` (transposed view)."""
+@pytest.mark.parametrize("cpu_matmul", ["torch", "onednn"])
+def test_transposed_logits_path_matches_unfused(upstream, eps, chunk, cpu_matmul):
+    """A vocabulary of >= TRANSPOSED_MIN_VOCAB rows: with cpu_matmul="torch" the logits come from
+    ``weight @ hidden^T`` (transposed view); with "onednn" from oneDNN's ``hidden @ weight^T``."""
     n, vocab = 40, TRANSPOSED_MIN_VOCAB + 4
     g = torch.Generator().manual_seed(11)
     hidden, weight = torch.randn(n, H, generator=g), torch.randn(vocab, H, generator=g) * 0.5
@@ -167,8 +169,8 @@ def test_transposed_logits_path_matches_unfused(upstream, eps, chunk):
     target[[1, 17]] = -100
     up = _upstreams(n)[upstream]
     want = _grads(lambda h, w, b: _reference(eps, -100)(h, w, b, target), hidden, weight, bias, up)
-    got = _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=eps, chunk_tokens=chunk),
-                 hidden, weight, bias, up)
+    got = _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=eps, chunk_tokens=chunk,
+                                                      cpu_matmul=cpu_matmul), hidden, weight, bias, up)
     # The sums over the 4100-row vocabulary (the loss's log-partition, the input gradient G @ W) run in
     # another order than the reference's, and MKL's order depends on the thread count: at 2 threads the
     # input gradient (values ~0.5) differs by up to ~4 ulps relative. A real error is orders larger.
@@ -189,7 +191,8 @@ def _on_rank_large_vocab() -> list[torch.Tensor]:
     ps.initialize_model_parallel(2)
     rank = ps.get_tensor_model_parallel_rank()
     hidden, weight, bias, target, up = _large_vocab_data()
-    return _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=0.1, chunk_tokens=16),
+    return _grads(lambda h, w, b: linear_cross_entropy(h, w, target, b, label_smoothing=0.1, chunk_tokens=16,
+                                                       cpu_matmul="torch"),
                   hidden, weight.chunk(2)[rank], bias.chunk(2)[rank], up)
 
 
