@@ -1,7 +1,7 @@
 """Where one training step goes: fwd + bwd + AdamW of our GPT, by category, against the matmul limit.
 
 Profiles one step (after warm-up) with ``torch.profiler`` and sums the self CPU time of every
-operator into a category: matmuls, attention (SDPA and its backward), norms/activations/elementwise,
+operator into a category: matmuls, attention (SDPA or the blocked causal kernel, and their backward), norms/activations/elementwise,
 embedding, output layer + loss (everything under the fused loss or the logits path's loss),
 optimizer (``AdamW.step``), communication (c10d). Achieved throughput counts the step's FLOPs as
 ``6 x params x tokens`` (params without the position table; a tied head counted once) plus
@@ -45,6 +45,7 @@ _SCOPES = (
     ("_LinearCrossEntropy", "output layer + loss"),
     ("_VocabParallelCrossEntropy", "output layer + loss"),
     ("scaled_dot_product", "attention"),
+    ("_BlockedCausalAttention", "attention"),
     ("Optimizer.step", "optimizer"),
     ("aten::embedding", "embedding"),
 )

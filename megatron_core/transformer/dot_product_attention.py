@@ -9,6 +9,12 @@ Masks are boolean with True = masked out, broadcastable to ``[b, np, sq, sk]``. 
 mask types the causal mask is bottom-right aligned (``positions.causal_mask``: query ``i`` sees keys
 ``j <= i + sk - sq``), which is what a KV cache needs; any given mask is combined with it. A row
 with every key masked yields zeros (SDPA's safe softmax), not NaN.
+
+Training on CPU in fp32 with the plain causal mask (no dropout, no autocast, s >= 128) runs
+``blocked_causal_attention`` instead of SDPA: torch's CPU flash kernel is slower there, mostly in
+its backward. It saves the causal probabilities (~``b * np * s^2 / 2`` floats per layer), so it is
+used only while they stay under ``BLOCKED_MAX_SAVED_BYTES``; above it SDPA's flash kernel (O(s)
+saved) runs as before. Evaluation (``training`` False) always uses SDPA.
 """
 
 from __future__ import annotations
@@ -25,10 +31,19 @@ from megatron_core import parallel_state
 from megatron_core.config import TransformerConfig
 from megatron_core.module import MegatronModule
 from megatron_core.tensor_parallel.random import get_rng_tracker
+from megatron_core.transformer.blocked_causal_attention import (
+    blocked_causal_attention,
+    saved_probability_bytes,
+)
 from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.positions import causal_mask
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
+# The blocked kernel beats the flash kernel from this sequence length on (measured fwd+bwd; at 32-64
+# positions the flash kernel is faster).
+BLOCKED_MIN_SEQ = 128
+# Most causal probabilities (bytes, per layer call) the blocked kernel may keep for the backward.
+BLOCKED_MAX_SAVED_BYTES = 64 * 2**20
 
 
 class DotProductAttention(MegatronModule):
@@ -85,6 +100,18 @@ class DotProductAttention(MegatronModule):
             softmax_scale = config.softmax_scale
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
+    def _use_blocked_causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float) -> bool:
+        """Whether the fast causal path should run ``blocked_causal_attention`` instead of SDPA (see module doc)."""
+        sq, b, np_, _ = query.shape
+        return (
+            self.training and dropout_p == 0.0 and sq >= BLOCKED_MIN_SEQ
+            and query.device.type == "cpu"
+            and query.dtype == key.dtype == value.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+            and saved_probability_bytes(b, np_, sq) <= BLOCKED_MAX_SAVED_BYTES
+        )
+
     def _mask(
         self, mask_type: AttnMaskType, attention_mask: torch.Tensor | None, attention_bias: torch.Tensor | None,
         sq: int, sk: int, device: torch.device, dtype: torch.dtype,
@@ -136,9 +163,12 @@ class DotProductAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         # Heads differ per TP rank, so their dropout masks come from the model-parallel RNG stream.
         rng = get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
-        with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=use_is_causal,
-                scale=self.softmax_scale, enable_gqa=ng != np_,
-            )  # [b, np, sq, hn]
+        if use_is_causal and self._use_blocked_causal(query, key, value, dropout_p):
+            out = blocked_causal_attention(q, k, v, self.softmax_scale)  # [b, np, sq, hn]
+        else:
+            with rng:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=use_is_causal,
+                    scale=self.softmax_scale, enable_gqa=ng != np_,
+                )  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)  # -> [sq, b, np*hn]

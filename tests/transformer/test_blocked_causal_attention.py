@@ -1,0 +1,183 @@
+"""blocked_causal_attention against plain float64 maths and SDPA, and when DotProductAttention uses it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import megatron_core.transformer.dot_product_attention as dpa_module
+from megatron_core.config import TransformerConfig
+from megatron_core.transformer.blocked_causal_attention import (
+    blocked_causal_attention,
+    query_blocks,
+    saved_probability_bytes,
+)
+from megatron_core.transformer.dot_product_attention import DotProductAttention
+from megatron_core.transformer.enums import AttnMaskType
+
+# (b, np, ng, s, hn, block_size): one block, s not divisible by the block, GQA/MQA, b=1, s=1..3.
+SHAPES = [
+    (2, 4, 4, 7, 8, None),
+    (1, 4, 2, 130, 16, None),
+    (2, 6, 2, 37, 8, 8),
+    (1, 3, 1, 20, 4, 6),
+    (2, 2, 2, 1, 8, None),
+    (1, 4, 2, 2, 8, 1),
+    (3, 2, 1, 3, 8, 2),
+]
+
+
+def _plain_causal(q, k, v, scale):
+    """softmax(q k^T * scale + causal mask) v with K/V repeated per query head; [b, np, s, hn]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = q.shape[2]
+    scores = q @ k.transpose(-1, -2) * scale
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _inputs(b, np_, ng, s, hn, dtype):
+    """q/k/v as the attention layer hands them over: permuted views of [s, b, heads, hn] tensors."""
+    g = torch.Generator().manual_seed(s * 100 + np_)
+    q = torch.randn(s, b, np_, hn, generator=g, dtype=dtype).permute(1, 2, 0, 3)
+    k = torch.randn(s, b, ng, hn, generator=g, dtype=dtype).permute(1, 2, 0, 3)
+    v = torch.randn(s, b, ng, hn, generator=g, dtype=dtype).permute(1, 2, 0, 3)
+    grad = torch.randn(b, np_, s, hn, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v)], grad
+
+
+def _value_and_grads(fn, inputs, grad):
+    out = fn(*inputs)
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-np{}-ng{}-s{}-hn{}-blk{}".format(*s))
+def test_matches_plain_attention_in_float64(shape):
+    b, np_, ng, s, hn, block = shape
+    inputs, grad = _inputs(b, np_, ng, s, hn, torch.float64)
+    scale = 1 / math.sqrt(hn)
+    got = _value_and_grads(lambda q, k, v: blocked_causal_attention(q, k, v, scale, block), inputs, grad)
+    expected = _value_and_grads(lambda q, k, v: _plain_causal(q, k, v, scale), inputs, grad)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "b{}-np{}-ng{}-s{}-hn{}-blk{}".format(*s))
+def test_matches_sdpa_is_causal_in_float32(shape):
+    b, np_, ng, s, hn, block = shape
+    inputs, grad = _inputs(b, np_, ng, s, hn, torch.float32)
+    got = _value_and_grads(lambda q, k, v: blocked_causal_attention(q, k, v, 0.3, block), inputs, grad)
+    expected = _value_and_grads(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True),
+        inputs, grad,
+    )
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_blocks_and_saved_bytes():
+    assert query_blocks(130) == [(0, 64), (64, 128), (128, 130)]
+    assert query_blocks(3, 2) == [(0, 2), (2, 3)]
+    assert query_blocks(40) == [(0, 40)]
+    assert saved_probability_bytes(2, 12, 512) == 2 * 12 * 64 * 64 * (1 + 8) * 8 // 2 * 4  # 9/16 of s^2
+    with pytest.raises(ValueError, match="block_size=0"):
+        query_blocks(8, 0)
+    # What the forward keeps for its backward: q, k, v and exactly saved_probability_bytes of probabilities.
+    b, np_, ng, s, hn = 1, 4, 2, 70, 8
+    inputs, _ = _inputs(b, np_, ng, s, hn, torch.float32)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        blocked_causal_attention(*inputs, 0.5)
+    qkv_bytes = (np_ + 2 * ng) * b * s * hn * 4
+    assert sum(t.numel() * t.element_size() for t in saved) == qkv_bytes + saved_probability_bytes(b, np_, s)
+
+
+def test_rejects_mismatched_shapes():
+    q, k = torch.randn(1, 3, 5, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="np divisible by ng"):
+        blocked_causal_attention(q, k, k, 0.5)
+
+
+# --- DotProductAttention: which kernel runs --------------------------------------------------------------
+
+S, B, NP, NG, HN = dpa_module.BLOCKED_MIN_SEQ, 1, 4, 2, 8
+
+
+def _dpa(dropout=0.0) -> DotProductAttention:
+    config = TransformerConfig(num_layers=1, hidden_size=NP * HN, num_attention_heads=NP, num_query_groups=NG,
+                               attention_dropout=dropout, hidden_dropout=0.0)
+    return DotProductAttention(config, 1, AttnMaskType.causal, "self").train()
+
+
+@pytest.fixture
+def blocked_calls(monkeypatch):
+    """Counts the DotProductAttention calls that went through the blocked kernel."""
+    calls = []
+    real = dpa_module.blocked_causal_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpa_module, "blocked_causal_attention", spy)
+    return calls
+
+
+def _attend(module, dtype=torch.float32, mask=None, seq=S):
+    """Output [s, b, np*hn] and q/k/v gradients of ``module(q, k, v, mask)`` on fixed random inputs."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(seq, B, NP, HN, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(seq, B, NG, HN, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(seq, B, NG, HN, generator=g).to(dtype).requires_grad_()
+    out = module(q, k, v, mask)
+    return [t.float() for t in (out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))]
+
+
+def _plain_layer(q, k, v, mask):
+    """The float64 plain causal attention in the layer's layout: [s, b, heads, hn] -> [s, b, np*hn]."""
+    out = _plain_causal(*(t.double().permute(1, 2, 0, 3) for t in (q, k, v)), 1 / math.sqrt(HN))
+    return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _assert_all_close(got, expected):
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_training_fp32_causal_uses_the_blocked_kernel_and_agrees_with_sdpa(blocked_calls, monkeypatch):
+    module = _dpa()
+    blocked = _attend(module)
+    assert blocked_calls == [(B, NP, S, HN)]
+    monkeypatch.setattr(dpa_module, "BLOCKED_MAX_SAVED_BYTES", 0)  # above the cap: SDPA's flash kernel
+    sdpa = _attend(module)
+    assert len(blocked_calls) == 1
+    _assert_all_close(blocked, sdpa)
+    _assert_all_close(blocked, _attend(_plain_layer))
+
+
+def test_cap_is_on_the_saved_probabilities(blocked_calls, monkeypatch):
+    monkeypatch.setattr(dpa_module, "BLOCKED_MAX_SAVED_BYTES", saved_probability_bytes(B, NP, S))
+    _attend(_dpa())
+    assert len(blocked_calls) == 1  # exactly at the cap: still blocked
+    monkeypatch.setattr(dpa_module, "BLOCKED_MAX_SAVED_BYTES", saved_probability_bytes(B, NP, S) - 1)
+    _attend(_dpa())
+    assert len(blocked_calls) == 1
+
+
+@pytest.mark.parametrize("case", ["eval", "dropout", "mask", "short", "bf16", "autocast"])
+def test_sdpa_keeps_everything_else(case, blocked_calls):
+    module = _dpa(dropout=0.1 if case == "dropout" else 0.0)
+    if case == "eval":
+        module.eval()
+    mask = torch.ones(S, S, dtype=torch.bool).triu(1) if case == "mask" else None
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    seq = S - 1 if case == "short" else S
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = _attend(module, dtype, mask, seq)
+    assert blocked_calls == []
+    if case in ("eval", "mask", "short"):  # the same maths as the blocked kernel's
+        _assert_all_close(got, _attend(_plain_layer, seq=seq))
