@@ -17,6 +17,8 @@ from megatron_core.transformer.blocked_causal_attention import (
 )
 from megatron_core.transformer.dot_product_attention import DotProductAttention
 from megatron_core.transformer.enums import AttnMaskType
+from megatron_core.transformer.transformer_block import TransformerBlock
+from specs.gpt import get_gpt_layer_local_spec
 
 # (b, np, ng, s, hn, block_size): one block, s not divisible by the block, GQA/MQA, b=1, s=1..3.
 SHAPES = [
@@ -181,3 +183,25 @@ def test_sdpa_keeps_everything_else(case, blocked_calls):
     assert blocked_calls == []
     if case in ("eval", "mask", "short"):  # the same maths as the blocked kernel's
         _assert_all_close(got, _attend(_plain_layer, seq=seq))
+
+
+@pytest.mark.parametrize("recompute", [dict(recompute_granularity="selective"),
+                                       dict(recompute_granularity="full", recompute_method="uniform",
+                                            recompute_num_layers=1)], ids=["selective", "full"])
+def test_recompute_stays_bit_exact_on_the_blocked_path(recompute, blocked_calls):
+    # The kernel is chosen by training mode, not grad mode, so the no-grad first pass of a
+    # checkpoint and its recompute run the same kernel.
+    def run(**overrides):
+        torch.manual_seed(1)
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
+                                   attention_dropout=0.0, **overrides)
+        block = TransformerBlock(config, get_gpt_layer_local_spec()).train()
+        hidden = torch.randn(S, 1, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        out = block(hidden, attention_mask=None)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return [out.detach(), hidden.grad, *(p.grad for p in block.parameters())]
+
+    reference = run()
+    assert len(blocked_calls) == 2
+    for got, expected in zip(run(**recompute), reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
