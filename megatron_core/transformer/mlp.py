@@ -139,7 +139,9 @@ class MLP(MegatronModule):
         self.linear_fc1 = build_module(
             submodules.linear_fc1, self.input_size, fc1_size,
             config=config, init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
-            skip_bias_add=True, is_expert=is_expert, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
+            # The bias goes in fc1's matmul (no fused bias-activation kernel would take it; a separate
+            # add is one more pass over [s, b, ffn]). A custom fc1 may still hand it back: added below.
+            skip_bias_add=False, is_expert=is_expert, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
             # [gate; up]: stride 2 hands each rank a slice of both halves.
             stride=2 if self.gated else 1,
         )
