@@ -24,6 +24,7 @@ from megatron_core.activations import (
     activation_by_name,
     name_of_activation,
 )
+from megatron_core.config_fp8 import validate_fp8
 from megatron_core.config_moe import validate_moe
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -130,6 +131,13 @@ class TransformerConfig(BaseModel):
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
+    # FP8 through Transformer Engine (Megatron-Core names and defaults; validated in megatron_core.config_fp8).
+    # Needs the TE spec on a GPU; the training step enters extensions.te_fp8.fp8_context around each forward.
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
 
     # ------------------------------------------------------------------ field-level coercion
     @field_validator("activation_func", mode="before")
@@ -186,6 +194,7 @@ class TransformerConfig(BaseModel):
         self._validate_parallel()
         validate_moe(self)
         self._validate_precision()
+        validate_fp8(self)
         return self
 
     def _validate_activation(self) -> None:

@@ -70,6 +70,7 @@ class _ParallelState:
     cp_group: ProcessGroup | None = None
     cp_ranks: tuple[int, ...] = (0,)  # global ranks of this rank's context-parallel group, by CP rank
     dp_cp_group: ProcessGroup | None = None  # data x context parallel: where gradients are reduced
+    amax_group: ProcessGroup | None = None  # tensor x data x context parallel (one pipeline stage): FP8 amax
     ep_size: int = 1
     ep_rank: int = 0
     ep_group: ProcessGroup | None = None
@@ -162,6 +163,7 @@ def initialize_model_parallel(
     dp_lists = [[rank_of(t, d, p, c) for d in range(dp)] for p in range(pp) for t in range(tp) for c in cps]
     dp_cp_lists = [sorted(rank_of(t, d, p, c) for d in range(dp) for c in cps) for p in range(pp)
                    for t in range(tp)]
+    amax_lists = [list(range(p * tp * cp * dp, (p + 1) * tp * cp * dp)) for p in range(pp)]  # pp is outermost
     pp_lists = [[rank_of(t, d, p, c) for p in range(pp)] for d in range(dp) for t in range(tp) for c in cps]
     embedding_lists = [[ranks[0], ranks[-1]] if pp > 1 else [ranks[0]] for ranks in pp_lists]
     mp_lists = [sorted(rank_of(t, d, p, c) for p in range(pp) for t in range(tp)) for d in range(dp) for c in cps]
@@ -169,6 +171,7 @@ def initialize_model_parallel(
     cp_group, cp_ranks = _create_groups(cp_lists, rank)
     dp_group, _ = _create_groups(dp_lists, rank)
     dp_cp_group, _ = _create_groups(dp_cp_lists, rank)
+    amax_group, _ = _create_groups(amax_lists, rank)
     pp_group, pp_ranks = _create_groups(pp_lists, rank)
     embedding_group, embedding_ranks = _create_groups(embedding_lists, rank)
     mp_group, _ = _create_groups(mp_lists, rank)
@@ -189,6 +192,7 @@ def initialize_model_parallel(
         tp_size=tp, pp_size=pp, dp_size=dp,
         tp_rank=rank % tp, pp_rank=rank // (tp * cp * dp), dp_rank=dp_rank,
         cp_size=cp, cp_rank=(rank // tp) % cp, cp_group=cp_group, cp_ranks=tuple(cp_ranks), dp_cp_group=dp_cp_group,
+        amax_group=amax_group,
         tp_group=tp_group, pp_group=pp_group, dp_group=dp_group, mp_group=mp_group,
         embedding_group=embedding_group, pp_ranks=pp_ranks, embedding_ranks=embedding_ranks,
         ep_size=ep, ep_rank=q_rank % ep, ep_group=ep_group,
@@ -380,6 +384,11 @@ def set_virtual_pipeline_model_parallel_rank(rank: int) -> None:
 # ---- model parallel (one replica) and embedding sync
 def get_model_parallel_group() -> ProcessGroup | None:
     return _state().mp_group
+
+
+def get_amax_reduction_group() -> ProcessGroup | None:
+    """Tensor x data x context parallel ranks of this pipeline stage (Megatron-Core's FP8 amax group with CP)."""
+    return _state().amax_group
 
 
 def get_embedding_group() -> ProcessGroup | None:

@@ -21,11 +21,11 @@ from torch.distributed import ProcessGroup  # noqa: E402
 
 from megatron_core import parallel_state  # noqa: E402
 from megatron_core.config import TransformerConfig  # noqa: E402
-from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedStateDict  # noqa: E402
-from megatron_core.module import make_sharded_tensors_for_checkpoint  # noqa: E402
+from megatron_core.dist_checkpointing.mapping import RankOffset, ShardedObject, ShardedStateDict  # noqa: E402
+from megatron_core.module import make_sharded_tensors_for_checkpoint, replica_id_for  # noqa: E402
 from megatron_core.tensor_parallel.layers import _initialize_affine_weight  # noqa: E402
 
-__all__ = ["TEModuleMixin", "resolve_tp", "te", "tp_invariant_init"]
+__all__ = ["TEModuleMixin", "extra_state_object", "resolve_tp", "te", "tp_invariant_init"]
 
 EXTRA_STATE = "_extra_state"
 
@@ -34,7 +34,9 @@ class TEModuleMixin:
     """Checkpoint behaviour of every TE wrapper (listed first in the bases, before the TE class).
 
     * ``sharded_state_dict``: parameters split along ``_tp_axis_map`` (name -> TP axis), the rest
-      replicated, exactly like the local twin; TE's ``_extra_state`` is not checkpointed.
+      replicated, exactly like the local twin. TE's ``_extra_state`` (FP8 scaling state) is
+      checkpointed only when the module's ``config.fp8`` is set, as a ``ShardedObject`` (see
+      :func:`extra_state_object`); without FP8 the checkpoint is the local spec's.
     * loading accepts a state dict without ``_extra_state`` (a local spec's, or one loaded from our
       checkpoints): the missing entry reads as the empty state TE itself saves outside FP8.
     """
@@ -47,7 +49,12 @@ class TEModuleMixin:
     ) -> ShardedStateDict:
         """Sharded view of ``state_dict()`` (same dict keys, ``prefix`` prepended), ``_extra_state`` skipped."""
         state = self.state_dict(prefix="", keep_vars=True)  # type: ignore[attr-defined]
-        return make_sharded_tensors_for_checkpoint(state, prefix, self._tp_axis_map, sharded_offsets)
+        out = make_sharded_tensors_for_checkpoint(state, prefix, self._tp_axis_map, sharded_offsets)
+        config = getattr(self, "config", None)
+        if config is not None and config.fp8 is not None and EXTRA_STATE in state:
+            key = f"{prefix}{EXTRA_STATE}"
+            out[key] = extra_state_object(state[EXTRA_STATE], key, sharded_offsets)
+        return out
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # torch hands each module a mutable dict that its children are filtered from afterwards,
@@ -60,6 +67,22 @@ class TEModuleMixin:
 
     def set_is_first_microbatch(self) -> None:
         """``MegatronModule``'s hook; a no-op here (no FP8 weight caching across micro-batches)."""
+
+
+def extra_state_object(state: Any, key: str, sharded_offsets: tuple[RankOffset, ...] = ()) -> ShardedObject:
+    """A TE module's ``_extra_state`` as a checkpoint object, laid out like Megatron-Core's.
+
+    One object per layer: the prepended layer axes of ``sharded_offsets`` (axis, index, count) give
+    its position in a grid of all layers, so pipeline stages write disjoint objects. TP and DP
+    ranks hold the same scaling state (the amax is reduced over them), so only TP rank 0 of DP
+    rank 0 writes it and every rank reads it back.
+    """
+    offsets = sorted(sharded_offsets)
+    if [axis for axis, _, _ in offsets] != list(range(len(offsets))):
+        raise ValueError(f"{key}: sharded_offsets {offsets} must name the prepended axes 0..n-1 exactly once")
+    shape = tuple(count for _, _, count in offsets) or (1,)
+    position = tuple(index for _, index, _ in offsets) or (0,)
+    return ShardedObject(key, state, shape, position, replica_id=replica_id_for(tp_sharded=False))
 
 
 def resolve_tp(tp_group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]:

@@ -225,7 +225,7 @@ def load_checkpoint(checkpoint: str | Path, model: torch.nn.Module,
     """
     path = Path(checkpoint)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    model_sd = model_sharded_state_dict(model)
+    model_sd = _without_absent_extra_state(model_sharded_state_dict(model), path)
     sharded: ShardedStateDict = dict(model_sd)
     masters: ShardedStateDict = {}
     if optimizer is not None:
@@ -315,10 +315,33 @@ def _masters_to_read_from_weights(path: Path, optimizer_sd: ShardedStateDict, st
             for k, v in wanted.items()}
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _without_absent_extra_state(model_sd: ShardedStateDict, path: Path) -> ShardedStateDict:
+    """``model_sd`` less the TE ``_extra_state`` objects (FP8 state) that the checkpoint lacks.
+
+    A checkpoint saved without ``fp8`` holds none: an FP8 run starting from it keeps its fresh FP8
+    scaling state instead of failing on the missing keys.
+    """
+    wanted = {k: v.key for k, v in model_sd.items() if isinstance(v, ShardedObject) and v.key.endswith(EXTRA_STATE_SUFFIX)}
+    if not wanted:
+        return model_sd
+    stored = dist_checkpointing.read_metadata(str(path)).objects
+    absent = {k for k, key in wanted.items() if key not in stored}
+    if absent:
+        logger.info("%s holds no FP8 state for %d TE module(s) (saved without fp8): their FP8 scaling starts fresh",
+                    path, len(absent))
+    return {k: v for k, v in model_sd.items() if k not in absent}
+
+
 def _copy_into_model(model: torch.nn.Module, model_sd: ShardedStateDict, loaded: dict[str, Any]) -> None:
     state = model.state_dict(keep_vars=True)
     for key in model_sd:
         if key not in state:
             raise KeyError(f"sharded_state_dict key {key!r} is not a state_dict() key of {type(model).__name__}")
+        if key.endswith(EXTRA_STATE_SUFFIX):  # a TE module's FP8 state: not a tensor to copy into, handed back whole
+            model.get_submodule(key.rpartition(".")[0]).set_extra_state(loaded[key])
+            continue
         with torch.no_grad():
             state[key].copy_(loaded[key])

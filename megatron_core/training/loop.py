@@ -36,6 +36,7 @@ from megatron_core.training.checkpointing import (
 )
 from megatron_core.training.chunks import ModelChunks
 from megatron_core.training.compile import compile_layers
+from megatron_core.training.fp8 import fp8_config, with_fp8
 from megatron_core.training.moe_metrics import aux_loss_scale, moe_metrics, reset_moe_stats
 from megatron_core.training.optimizer import build_adamw, clip_grad_norm, grad_norm_plan
 from megatron_core.training.pipeline import PipelineRunner
@@ -124,6 +125,7 @@ class Trainer:
         self.device = resolve_device(settings.device)
         chunks = [c.to(self.device) for c in (model if isinstance(model, list) else [model])]
         _check_chunks(len(chunks), settings, evaluates=valid_data is not None)
+        self.fp8_config = fp8_config(chunks)  # None without fp8; raises when the model cannot run FP8 here
         if settings.compile:
             for chunk in chunks:
                 compile_layers(chunk, backend=settings.compile_backend)
@@ -142,8 +144,10 @@ class Trainer:
         self.scheduler = WarmupCosineScheduler(self.optimizer, settings.lr, settings.min_lr, settings.warmup_iters,
                                                settings.decay_iters)
         self.params, self.counted = grad_norm_plan(self.model)
+        # FP8 (the model config's fp8): each micro-batch's forward inside TE's fp8_autocast.
+        step = with_fp8(forward_step, self.fp8_config) if self.fp8_config is not None else forward_step
         # The schedule runs the micro-batches at every PP size (interleaved 1F1B over the chunks under VPP).
-        self.pipeline = PipelineRunner(chunks[0], forward_step, self._autocast,
+        self.pipeline = PipelineRunner(chunks[0], step, self._autocast,
                                        ddp=self.ddp_chunks[0] if len(chunks) == 1 else self.ddp_chunks)
         self.iteration = 0
         self.consumed_samples = 0

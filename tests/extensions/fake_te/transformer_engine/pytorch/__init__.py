@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 from typing import Any
 
 import torch
@@ -19,20 +20,40 @@ import torch.nn.functional as F
 from megatron_core import parallel_state
 from megatron_core.tensor_parallel import mappings
 
-from . import ops  # noqa: F401  (te.pytorch.ops.*)
+from . import fp8, ops  # noqa: F401  (te.pytorch.ops.*, te.pytorch.fp8.*)
+from .fp8 import fp8_autocast
 
-__all__ = ["DotProductAttention", "LayerNorm", "LayerNormLinear", "Linear", "RMSNorm", "ops"]
+__all__ = ["DotProductAttention", "LayerNorm", "LayerNormLinear", "Linear", "RMSNorm", "fp8_autocast", "ops"]
 
 
 class _Module(torch.nn.Module):
-    """TE modules carry ``_extra_state`` (FP8 metadata): empty outside FP8, as here."""
+    """TE modules carry ``_extra_state`` (FP8 metadata): empty until a forward ran under ``fp8_autocast``.
+
+    The stand-in's "FP8 metadata" is a record of the recipe, the number of FP8 forwards and the input
+    amax history (nothing is quantised), serialised like TE 2.x does: pickled into a uint8 tensor.
+    """
+
+    fp8_meta: dict[str, Any] | None = None
+
+    def _record_fp8(self, inp: torch.Tensor) -> None:
+        if not fp8.FP8GlobalStateManager.is_fp8_enabled():
+            return
+        meta = self.fp8_meta or {"forwards": 0, "amax_history": []}
+        meta["recipe"] = type(fp8.FP8GlobalStateManager.get_fp8_recipe()).__name__
+        meta["forwards"] += 1
+        meta["amax_history"].append(float(inp.detach().abs().max()))
+        self.fp8_meta = meta
 
     def get_extra_state(self) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.uint8)
+        if self.fp8_meta is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(pickle.dumps(self.fp8_meta)), dtype=torch.uint8)
 
     def set_extra_state(self, state: Any) -> None:
-        if state is not None and not (isinstance(state, torch.Tensor) and state.numel() == 0):
-            raise RuntimeError("the CPU reference holds no FP8 state; got a non-empty _extra_state")
+        if state is None or (isinstance(state, torch.Tensor) and state.numel() == 0):
+            self.fp8_meta = None
+            return
+        self.fp8_meta = pickle.loads(state.detach().cpu().numpy().tobytes())
 
 
 def _tp_size(tp_group: Any, tp_size: int) -> int:
@@ -98,6 +119,7 @@ class Linear(_Module):
         return (out, self.bias) if self.return_bias else out
 
     def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None) -> Any:
+        self._record_fp8(inp)
         return self._linear(inp)
 
 
@@ -135,6 +157,7 @@ class LayerNormLinear(Linear):
                 p.sequence_parallel = self.sequence_parallel  # type: ignore[attr-defined]
 
     def forward(self, inp: torch.Tensor, is_first_microbatch: bool | None = None) -> Any:
+        self._record_fp8(inp)
         normed = _normalize(inp, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps,
                             self.zero_centered_gamma)
         return self._linear(normed)

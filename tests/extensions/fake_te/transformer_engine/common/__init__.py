@@ -1,0 +1,1 @@
+"""CPU stand-in of ``transformer_engine.common`` (only ``recipe``)."""
