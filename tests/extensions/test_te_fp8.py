@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_core import dist_checkpointing, parallel_state
 from megatron_core.extensions import te_fp8
-from megatron_core.extensions.te_usability import TEUnavailableError
+from megatron_core.extensions.te_usability import TEUnavailableError, is_te_usable
 from megatron_core.testing import run_distributed
 from tests.extensions._fake_te import fake_te
 from tests.extensions._te_models import batch, build, make_config
@@ -124,6 +124,7 @@ def test_fp8_model_errors(te: ModuleType, monkeypatch: pytest.MonkeyPatch) -> No
     te_fp8.check_fp8_model(local, make_config("gpt"))  # no fp8: nothing to check
 
 
+@pytest.mark.skipif(is_te_usable(), reason="needs a machine without a usable Transformer Engine")
 def test_fp8_without_transformer_engine_says_what_is_missing() -> None:
     config = make_config("gpt", fp8="hybrid")
     model = build("gpt", "local", seed=0, fp8="hybrid")
