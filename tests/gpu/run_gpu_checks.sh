@@ -21,5 +21,11 @@ PY
 tests_rc=${PIPESTATUS[0]}
 "$py" bench/te_vs_local.py --json "$out/te_vs_local.json" 2>&1 | tee "$out/te_vs_local.txt"
 bench_rc=${PIPESTATUS[0]}
+# Issue 19's GPU rows: TE in FP8 and the local spec compiled, each against TE bf16 (FP8_FORMAT=none skips FP8).
+fp8_args=()
+[ "${FP8_FORMAT:-hybrid}" != none ] && fp8_args=(--fp8 "${FP8_FORMAT:-hybrid}" --fp8-recipe "${FP8_RECIPE:-delayed}")
+"$py" bench/te_vs_local.py "${fp8_args[@]}" --compile --json "$out/te_vs_local_fp8_compile.json" 2>&1 \
+    | tee "$out/te_vs_local_fp8_compile.txt"
+bench_rc=$(( bench_rc || PIPESTATUS[0] ))
 echo "tests rc=$tests_rc bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))
