@@ -12,7 +12,8 @@ and rank ``r`` of that group owns shard ``r`` of each. For its shards only, the 
 so optimizer memory per rank is ~1/d of plain AdamW's. A step: the reduce-scattered gradient shard
 (fp32 by default) becomes the masters' gradient, gradients are clipped by the global norm (over the
 whole model: every data-parallel shard, TP rank and pipeline stage counted once), torch's AdamW
-(``foreach=False``, the same per-element arithmetic as plain AdamW) updates the masters, and the
+(``foreach=False``, the same per-element arithmetic as plain AdamW; or, with ``fused=True``, torch's
+fused kernel, as plain AdamW's ``training.fused_adamw``) updates the masters, and the
 updated shards are all-gathered into every replica's parameters (asynchronously, waited for per
 module in the next forward, with ``overlap_param_gather``). It is a ``torch.optim.AdamW`` over the
 master shards, so the LR schedule sets its ``param_groups`` as usual.
@@ -80,13 +81,16 @@ class DistributedOptimizer(torch.optim.AdamW):
             ``DistributedDataParallelConfig(use_distributed_optimizer=True)``.
         lr, weight_decay, betas, eps: AdamW's settings; weight decay applies to matrices only
             (biases and norm weights are not decayed), as in ``training.build_adamw``.
+        fused: torch's fused AdamW kernel on the master shards (``AdamW(fused=True)``: one pass per
+            tensor instead of the per-tensor loop's several), as ``build_adamw(fused=True)``.
 
     Raises:
         TypeError: a chunk is not such a wrapper.
     """
 
     def __init__(self, model: DistributedDataParallel | list[DistributedDataParallel], lr: float,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> None:
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 fused: bool = False) -> None:
         chunks = model if isinstance(model, list) else [model]
         for chunk in chunks:
             if not (isinstance(chunk, DistributedDataParallel) and chunk.ddp_config.use_distributed_optimizer):
@@ -107,13 +111,22 @@ class DistributedOptimizer(torch.optim.AdamW):
         decay = [f.master for f in self.fragments if f.param.ndim >= 2]
         no_decay = [f.master for f in self.fragments if f.param.ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # foreach=False: the same per-element kernel as plain AdamW, so both give equal updates.
-        super().__init__(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+        # The same kernel as plain AdamW with the same setting, so both give equal updates.
+        if fused:
+            super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=True)
+        else:
+            super().__init__(groups, lr=lr, betas=betas, eps=eps, foreach=False)
         for f in self.fragments:  # the moments are views of the shard's flat state (gathered for checkpoints)
             off_a, off_b = f.a - f.shard.lo, f.b - f.shard.lo
-            self.state[f.master] = {"step": torch.tensor(0.0), "exp_avg": f.shard.exp_avg[off_a:off_b],
+            self.state[f.master] = {"step": self._step_tensor(0.0, f.master), "exp_avg": f.shard.exp_avg[off_a:off_b],
                                     "exp_avg_sq": f.shard.exp_avg_sq[off_a:off_b]}
         self._mark_counted()
+
+    def _step_tensor(self, value: float, master: torch.Tensor) -> torch.Tensor:
+        """AdamW's step count as its kernel wants it: on the master's device for the fused kernel."""
+        if self.defaults.get("fused"):
+            return torch.tensor(value, dtype=torch.float32, device=master.device)
+        return torch.tensor(value)
 
     def _add_shard(self, buffer: ParamAndGradBuffer, bucket: Bucket) -> None:
         lo, hi = buffer.shard_range(bucket)
@@ -283,7 +296,7 @@ class DistributedOptimizer(torch.optim.AdamW):
                 if source is None:
                     raise KeyError(f"optimizer.state.{key}.{name} missing from the loaded checkpoint state")
                 target.copy_(source.reshape(-1)[f.a - ps:f.b - ps])
-            self.state[f.master]["step"] = torch.tensor(float(common["step"]))
+            self.state[f.master]["step"] = self._step_tensor(float(common["step"]), f.master)
 
 
 def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:

@@ -159,7 +159,7 @@ class Trainer:
         s = self.settings
         betas = (s.adam_beta1, s.adam_beta2)
         if s.distributed_optimizer:  # sharded over data x context parallel ranks, where gradients reduce
-            return DistributedOptimizer(self.ddp_chunks, s.lr, s.weight_decay, betas, s.adam_eps)
+            return DistributedOptimizer(self.ddp_chunks, s.lr, s.weight_decay, betas, s.adam_eps, fused=s.fused_adamw)
         return build_adamw(self.model, s.lr, s.weight_decay, betas, s.adam_eps, fused=s.fused_adamw)
 
     # ------------------------------------------------------------------ checkpoints

@@ -61,9 +61,6 @@ class TrainingSettings(BaseModel):
         if self.overlap_param_gather and not self.distributed_optimizer:
             raise ValueError("training.overlap_param_gather=true needs training.distributed_optimizer=true "
                              "(only the distributed optimizer all-gathers parameters)")
-        if self.fused_adamw and self.distributed_optimizer:
-            raise ValueError("training.fused_adamw=true is not supported with training.distributed_optimizer=true "
-                             "(its shards use the per-tensor AdamW loop); set one of them to false")
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ValueError(f"training.ddp_bucket_size={self.ddp_bucket_size} must be >= 1 (elements) or null")
         for name in ("train_iters", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters"):

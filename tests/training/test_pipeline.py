@@ -218,6 +218,29 @@ def test_distributed_optimizer_at_dp2_equals_plain_adamw_and_resumes(tmp_path):
     assert per_rank[0]["total"] <= sum(r["owned"] for r in per_rank) < per_rank[0]["total"] * 1.01
 
 
+def _fused_dp2(tmp: str) -> dict[str, Any]:
+    parallel_state.initialize_model_parallel(1, 1)
+    plain = _trainer(_stage(), _settings(tmp, "plain_fused", micro_batch_size=1, fused_adamw=True)).train()
+    straight_trainer = _trainer(_stage(), _settings(tmp, "dist_fused", micro_batch_size=1, fused_adamw=True,
+                                                    distributed_optimizer=True))
+    fused = bool(straight_trainer.optimizer.defaults.get("fused"))
+    straight = straight_trainer.train()
+    first = _trainer(_stage(), _settings(tmp, "dist_fused_split", N // 2, micro_batch_size=1, fused_adamw=True,
+                                         distributed_optimizer=True)).train()
+    second = _trainer(_model(seed=3), _settings(tmp, "dist_fused_split", micro_batch_size=1, fused_adamw=True,
+                                                distributed_optimizer=True)).train()
+    return {"plain": plain.losses, "dist": straight.losses, "resumed": first.losses + second.losses, "fused": fused}
+
+
+def test_distributed_optimizer_with_fused_adamw_equals_plain_fused_adamw_and_resumes(tmp_path):
+    """training.fused_adamw with the distributed optimizer: torch's fused kernel on the master shards."""
+    per_rank = run_distributed(_fused_dp2, 2, str(tmp_path), tmp_dir=tmp_path)
+    for rank in per_rank:
+        assert rank["fused"], "the distributed optimizer must run torch's fused AdamW"
+        torch.testing.assert_close(torch.tensor(rank["dist"]), torch.tensor(rank["plain"]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(rank["resumed"]), torch.tensor(rank["dist"]), atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------- the entry point
 def _entry_point_pp2(tmp: str, vpp: int | None) -> tuple[list[float], list[float], bool]:
     from megatron_core.train import main
