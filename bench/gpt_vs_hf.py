@@ -7,11 +7,15 @@ noise hits both alike. Reports the median step time, tokens/s and the ratio ours
     .venv/bin/python bench/gpt_vs_hf.py                       # tiny + gpt2-small, 2 threads
     .venv/bin/python bench/gpt_vs_hf.py --shapes tiny --profile
     .venv/bin/python bench/gpt_vs_hf.py --fused-adamw          # both on torch's fused AdamW
+    .venv/bin/python bench/gpt_vs_hf.py --compile              # ours with training.compile (HF eager)
 
 Optimizer: by default both models step ``torch.optim.AdamW`` with torch's CPU default (the
 per-tensor loop), which is what our Trainer uses by default (``training.fused_adamw: false``).
 ``--fused-adamw`` gives BOTH models ``AdamW(fused=True)``: our ``training.fused_adamw: true`` and the
 Hugging Face Trainer's own default (``adamw_torch_fused`` with torch >= 2.8).
+
+``--compile`` compiles each of OUR TransformerLayers (``training.compile: true``, inductor) and leaves
+HF eager; the warm-up steps absorb the compilation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_core.interop import from_hf  # noqa: E402
+from megatron_core.training.compile import compile_layers  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ def profile(name: str, fn: Callable[[], float], rows: int) -> None:
 def run_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     ours, hf = build_models(shape, args.dropout, args.cpu_matmul)
+    if args.compile:
+        compile_layers(ours)
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     step_ours, step_hf = make_steps(ours, hf, tokens, labels, args.fused_adamw)
@@ -159,6 +166,7 @@ def main() -> None:
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) for both models")
     parser.add_argument("--cpu-matmul", default="onednn", choices=["onednn", "torch"],
                         help="our TransformerConfig.cpu_matmul (torch: MKL through F.linear, as HF uses)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of our layers (HF eager)")
     parser.add_argument("--profile", action="store_true", help="profile one step of each model after timing")
     parser.add_argument("--profile-rows", type=int, default=20)
     args = parser.parse_args()
@@ -170,7 +178,8 @@ def main() -> None:
 
     print(f"\nOne training step (fwd + bwd + AdamW), fp32, CPU, torch {torch.__version__}, "
           f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warmup, dropout {args.dropout}, "
-          f"AdamW {'fused' if args.fused_adamw else 'per-tensor loop'} (both), our cpu_matmul {args.cpu_matmul}\n")
+          f"AdamW {'fused' if args.fused_adamw else 'per-tensor loop'} (both), our cpu_matmul {args.cpu_matmul}"
+          f"{', ours compiled (training.compile), HF eager' if args.compile else ''}\n")
     print("| shape | ours ms/step | HF ms/step | ours tokens/s | HF tokens/s | ours / HF | "
           "ours / HF (min) | ours / HF (CPU time) | first-step loss diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -12,6 +12,11 @@ fp32 ulps.
 ``TransformerConfig.cpu_matmul`` picks the backend ("onednn", the default, or "torch" for bit-equality
 with ``F.linear``); anything that is not a CPU fp32 tensor (CUDA, bf16, autocast) takes ``F.linear``
 whatever the setting.
+
+Under ``torch.compile`` the product goes through the custom op ``megatron_core::onednn_matmul_nt``
+(same kernel): inductor treats it as an opaque call and fuses the elementwise work around it. Calling
+``mkldnn::_linear_pointwise`` inside a traced graph fails in inductor's lowering, and letting inductor
+pick its own GEMM gives MKL's slower sgemm.
 """
 
 from __future__ import annotations
@@ -42,11 +47,24 @@ def onednn_applies(backend: CpuMatmul, *tensors: torch.Tensor | None) -> bool:
                for t in tensors)
 
 
+@torch.library.custom_op("megatron_core::onednn_matmul_nt", mutates_args=())
+def _matmul_nt_op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _LINEAR(a, b, bias, "none", [], "")
+
+
+@_matmul_nt_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[0])
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T (+ bias)`` for ``a [m, k]``, ``b [n, k]`` (any strides) through oneDNN; no autograd.
 
-    Callers check :func:`onednn_applies` first.
+    Callers check :func:`onednn_applies` first. Eager calls go straight to the kernel (the custom op's
+    Python dispatch would cost ~10 us per call); traced calls go through the custom op.
     """
+    if torch.compiler.is_compiling():
+        return _matmul_nt_op(a, b, bias)
     return _LINEAR(a, b, bias, "none", [], "")
 
 

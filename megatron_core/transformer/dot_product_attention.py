@@ -109,7 +109,6 @@ class DotProductAttention(MegatronModule):
             and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
             and saved_probability_bytes(b, np_, sq) <= BLOCKED_MAX_SAVED_BYTES
         )
 

@@ -93,3 +93,50 @@ def test_parallel_linears_follow_config_cpu_matmul(cls):
 def test_cpu_matmul_config_rejects_unknown_backend():
     with pytest.raises(ValueError, match="cpu_matmul"):
         TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, cpu_matmul="mkl")
+
+
+def _gelu_of_linear(x, w, b):
+    return F.gelu(linear(x, w, b, "onednn"))
+
+
+@needs_onednn
+def test_traced_linear_keeps_the_onednn_kernel_as_one_opaque_op():
+    """Under torch.compile the forward and input-gradient products are our custom op (inductor fuses around it)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append({node.target for node in gm.graph.nodes})
+            return gm.forward
+        return compiler
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_gelu_of_linear, backend=aot_autograd(fw_compiler=recorder("forward"),
+                                                                   bw_compiler=recorder("backward")))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 32, requires_grad=True), torch.randn(24, 32, requires_grad=True), torch.randn(24)
+    compiled(x, w, b).sum().backward()
+    op = torch.ops.megatron_core.onednn_matmul_nt.default
+    assert graphs["forward"] and all(op in targets for targets in graphs["forward"])
+    assert graphs["backward"] and all(op in targets for targets in graphs["backward"])
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_linear_compiled_by_inductor_matches_float64():
+    """Inductor compiles the traced linear (calling the oneDNN op directly there failed in its lowering)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_gelu_of_linear, backend="inductor")
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 32, requires_grad=True), torch.randn(24, 32, requires_grad=True), torch.randn(24)
+    grad = torch.randn(6, 24)
+    out = compiled(x, w, b)
+    out.backward(grad)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.gelu(F.linear(x64, w64, b.double()))
+    ref.backward(grad.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)

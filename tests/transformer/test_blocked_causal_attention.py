@@ -170,6 +170,24 @@ def test_cap_is_on_the_saved_probabilities(blocked_calls, monkeypatch):
     assert len(blocked_calls) == 1
 
 
+def test_compiled_training_keeps_the_blocked_kernel():
+    """Traced by torch.compile (dynamo + AOTAutograd) the blocked kernel stays: bmm in the graphs, no SDPA, same numbers."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    targets: set[str] = set()
+
+    def compiler(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_dpa(), backend=aot_autograd(fw_compiler=compiler, bw_compiler=compiler))
+    got = _attend(compiled)
+    assert "aten.bmm.default" in targets
+    assert not [t for t in targets if "scaled_dot_product" in t]
+    _assert_all_close(got, _attend(_plain_layer))
+
+
 @pytest.mark.parametrize("case", ["eval", "dropout", "mask", "short", "bf16", "autocast"])
 def test_sdpa_keeps_everything_else(case, blocked_calls):
     module = _dpa(dropout=0.1 if case == "dropout" else 0.0)
