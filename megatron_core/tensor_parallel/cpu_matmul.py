@@ -60,8 +60,8 @@ def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tens
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T (+ bias)`` for ``a [m, k]``, ``b [n, k]`` (any strides) through oneDNN; no autograd.
 
-    Callers check :func:`onednn_applies` first. Eager calls go straight to the kernel (the custom op's
-    Python dispatch would cost ~10 us per call); traced calls go through the custom op.
+    Callers check :func:`onednn_applies` first. Eager calls go straight to the kernel (through the
+    custom op a call costs ~26 us more: 41 vs 15 us for a 4 x 16 product); traced calls use the op.
     """
     if torch.compiler.is_compiling():
         return _matmul_nt_op(a, b, bias)
