@@ -1,5 +1,8 @@
 """The oneDNN linear against float64 torch: same outputs and gradients (fp32 tolerance); "torch" is F.linear exactly."""
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +128,8 @@ def test_traced_linear_keeps_the_onednn_kernel_as_one_opaque_op():
 
 @needs_onednn
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")),
+                    reason="inductor's CPU backend needs a C++ compiler (g++ or $CXX)")
 def test_linear_compiled_by_inductor_matches_float64():
     """Inductor compiles the traced linear (calling the oneDNN op directly there failed in its lowering)."""
     torch._dynamo.reset()
