@@ -82,7 +82,9 @@ class TransformerConfig(BaseModel):
     init_method_std: float = 0.02
     use_scaled_init_method: bool = True
     perform_initialization: bool = True
-    bias_dropout_fusion: bool = False
+    # Megatron-Core's name (default off there); on here: the residual path's bias + dropout + add as one
+    # function whose CPU dropout masks come from 16 random bits per element (transformer.bias_dropout_add).
+    bias_dropout_fusion: bool = True
     # Megatron-Core's name; on by default here: with labels, the output layer and the loss run in
     # chunks of tokens (tensor_parallel.linear_cross_entropy), never holding the [tokens, vocab] logits.
     cross_entropy_loss_fusion: bool = True

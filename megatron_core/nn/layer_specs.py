@@ -82,6 +82,7 @@ def torch_layer_config(
         add_bias_linear=bias, add_qkv_bias=bias, activation_func=activation_name or "gelu",
         params_dtype=dtype_name(dtype), perform_initialization=False,
         tensor_model_parallel_size=tp_size(),
+        bias_dropout_fusion=False,  # the residual dropout through F.dropout, as torch.nn's layers do it
     )
 
 

@@ -10,11 +10,14 @@ mask types the causal mask is bottom-right aligned (``positions.causal_mask``: q
 ``j <= i + sk - sq``), which is what a KV cache needs; any given mask is combined with it. A row
 with every key masked yields zeros (SDPA's safe softmax), not NaN.
 
-Training on CPU in fp32 with the plain causal mask (no dropout, no autocast, s >= 192) runs
-``blocked_causal_attention`` instead of SDPA: torch's CPU flash kernel is slower there, mostly in
-its backward. It saves the causal probabilities (~``b * np * s^2 / 2`` floats per layer), so it is
-used only while they stay under ``BLOCKED_MAX_SAVED_BYTES``; above it SDPA's flash kernel (O(s)
-saved) runs as before. Evaluation (``training`` False) always uses SDPA.
+Training on CPU in fp32 with the plain causal mask (no autocast; s >= 192, or any s with attention
+dropout) runs ``blocked_causal_attention`` instead of SDPA: torch's CPU flash kernel is slower there,
+mostly in its backward, and with dropout SDPA leaves the flash kernel for its unfused math path and
+draws the mask with ``bernoulli_``, where the blocked kernel draws cheaper 16-bit masks
+(``tensor_parallel.cpu_dropout``). It saves the causal probabilities (~``b * np * s^2 / 2`` floats
+per layer, plus a byte each for the dropout mask), so it is used only while they stay under
+``BLOCKED_MAX_SAVED_BYTES``; above it SDPA runs as before. Evaluation (``training`` False) always
+uses SDPA.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ from megatron_core.transformer.enums import AttnMaskType
 from megatron_core.transformer.positions import causal_mask
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
-# The blocked kernel pays from this sequence length on: whole GPT training steps at 2 threads took
-# 0.985x (s=192), 0.975x (256) and 0.95x (512) the SDPA steps' time; at s=128 they were within +-2%
-# of each other (both signs), and the flash kernel wins outright at s <= 64.
+# Without dropout the blocked kernel pays from this sequence length on: whole GPT training steps at 2
+# threads took 0.985x (s=192), 0.975x (256) and 0.95x (512) the SDPA steps' time; at s=128 they were
+# within +-2% of each other (both signs), and the flash kernel wins outright at s <= 64. With dropout
+# SDPA runs its math path, which the blocked kernel beats at every length.
 BLOCKED_MIN_SEQ = 192
 # Most causal probabilities (bytes, per layer call) the blocked kernel may keep for the backward.
 BLOCKED_MAX_SAVED_BYTES = 64 * 2**20
@@ -105,11 +109,11 @@ class DotProductAttention(MegatronModule):
         """Whether the fast causal path should run ``blocked_causal_attention`` instead of SDPA (see module doc)."""
         sq, b, np_, _ = query.shape
         return (
-            self.training and dropout_p == 0.0 and sq >= BLOCKED_MIN_SEQ
+            self.training and (sq >= BLOCKED_MIN_SEQ or dropout_p > 0.0)
             and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
-            and saved_probability_bytes(b, np_, sq) <= BLOCKED_MAX_SAVED_BYTES
+            and saved_probability_bytes(b, np_, sq, dropout=dropout_p > 0.0) <= BLOCKED_MAX_SAVED_BYTES
         )
 
     def _mask(
@@ -163,10 +167,10 @@ class DotProductAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         # Heads differ per TP rank, so their dropout masks come from the model-parallel RNG stream.
         rng = get_rng_tracker().fork() if dropout_p > 0.0 else contextlib.nullcontext()
-        if use_is_causal and self._use_blocked_causal(query, key, value, dropout_p):
-            out = blocked_causal_attention(q, k, v, self.softmax_scale)  # [b, np, sq, hn]
-        else:
-            with rng:
+        with rng:
+            if use_is_causal and self._use_blocked_causal(query, key, value, dropout_p):
+                out = blocked_causal_attention(q, k, v, self.softmax_scale, dropout_p=dropout_p)  # [b, np, sq, hn]
+            else:
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=use_is_causal,
                     scale=self.softmax_scale, enable_gqa=ng != np_,

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import megatron_core.transformer.dot_product_attention as dpa_module
 from megatron_core.config import TransformerConfig
+from megatron_core.tensor_parallel.cpu_dropout import keep_mask
+from megatron_core.tensor_parallel.random import model_parallel_manual_seed
 from megatron_core.transformer.blocked_causal_attention import (
     blocked_causal_attention,
     query_blocks,
@@ -96,6 +98,56 @@ def test_blocks_and_saved_bytes():
         blocked_causal_attention(*inputs, 0.5)
     qkv_bytes = (np_ + 2 * ng) * b * s * hn * 4
     assert sum(t.numel() * t.element_size() for t in saved) == qkv_bytes + saved_probability_bytes(b, np_, s)
+
+
+def _block_keep_masks(b, np_, ng, s, p, seed):
+    """The keep masks the kernel draws after ``torch.manual_seed(seed)``, assembled as ``[b, np, s, s]``, and their scale.
+
+    The kernel draws one ``keep_mask`` per query block, in block order, shaped ``[b * ng, rows * r, end]``
+    (row = position * r + head within the group); positions a block cannot see stay False.
+    """
+    r = np_ // ng
+    torch.manual_seed(seed)
+    full = torch.zeros(b * ng, s * r, s, dtype=torch.bool)
+    scale = 1.0
+    for start, end in query_blocks(s):
+        full[:, start * r:end * r, :end], scale = keep_mask((b * ng, (end - start) * r, end), p)
+    return full.view(b, ng, s, r, s).transpose(2, 3).reshape(b, np_, s, s), scale
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=["s7-mha", "s130-gqa"])
+def test_dropout_matches_plain_attention_with_the_same_masks(shape):
+    b, np_, ng, s, hn, _ = shape
+    p, seed = 0.3, 11
+    inputs, grad = _inputs(b, np_, ng, s, hn, torch.float32)
+    scale = 1 / math.sqrt(hn)
+    torch.manual_seed(seed)
+    got = _value_and_grads(lambda q, k, v: blocked_causal_attention(q, k, v, scale, dropout_p=p), inputs, grad)
+    keep, keep_scale = _block_keep_masks(b, np_, ng, s, p, seed)
+
+    def plain_with_dropout(q, k, v):
+        group = np_ // ng
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1),
+                                                               float("-inf"))
+        return (torch.softmax(scores, dim=-1) * keep * keep_scale) @ v
+
+    f64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = _value_and_grads(plain_with_dropout, f64, grad.double())
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dropout_saves_one_byte_per_probability_more():
+    b, np_, ng, s, hn = 1, 4, 2, 70, 8
+    inputs, _ = _inputs(b, np_, ng, s, hn, torch.float32)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        blocked_causal_attention(*inputs, 0.5, dropout_p=0.1)
+    qkv_bytes = (np_ + 2 * ng) * b * s * hn * 4
+    assert saved_probability_bytes(b, np_, s, dropout=True) == saved_probability_bytes(b, np_, s) * 5 // 4
+    assert sum(t.numel() * t.element_size() for t in saved) == qkv_bytes + saved_probability_bytes(
+        b, np_, s, dropout=True)
 
 
 def test_rejects_mismatched_shapes():
@@ -188,9 +240,28 @@ def test_compiled_training_keeps_the_blocked_kernel():
     _assert_all_close(got, _attend(_plain_layer))
 
 
-@pytest.mark.parametrize("case", ["eval", "dropout", "mask", "short", "bf16", "autocast"])
+def test_attention_dropout_runs_the_blocked_kernel_at_any_length(blocked_calls):
+    """With dropout SDPA would leave its flash kernel for the math path, so even short sequences go blocked."""
+    seq = 40  # below BLOCKED_MIN_SEQ
+    module = _dpa(dropout=0.2)
+    model_parallel_manual_seed(3)
+    got = _attend(module, seq=seq)
+    assert blocked_calls == [(B, NP, seq, HN)]
+    model_parallel_manual_seed(3)
+    again = _attend(module, seq=seq)
+    for g, a in zip(got, again, strict=True):  # the masks come from the model-parallel RNG stream
+        torch.testing.assert_close(g, a, rtol=0, atol=0)
+    no_dropout = _attend(_dpa(), seq=seq)
+    assert not torch.allclose(got[0], no_dropout[0])
+    # The output's mean over many masks approaches the undropped output (the keep scale makes it unbiased).
+    model_parallel_manual_seed(4)
+    mean = torch.stack([_attend(module, seq=seq)[0] for _ in range(400)]).mean(0)
+    assert (mean - no_dropout[0]).abs().mean() < 0.15 * no_dropout[0].abs().mean()
+
+
+@pytest.mark.parametrize("case", ["eval", "mask", "short", "bf16", "autocast"])
 def test_sdpa_keeps_everything_else(case, blocked_calls):
-    module = _dpa(dropout=0.1 if case == "dropout" else 0.0)
+    module = _dpa()
     if case == "eval":
         module.eval()
     mask = torch.ones(S, S, dtype=torch.bool).triu(1) if case == "mask" else None
@@ -203,16 +274,18 @@ def test_sdpa_keeps_everything_else(case, blocked_calls):
         _assert_all_close(got, _attend(_plain_layer, seq=seq))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("recompute", [dict(recompute_granularity="selective"),
                                        dict(recompute_granularity="full", recompute_method="uniform",
                                             recompute_num_layers=1)], ids=["selective", "full"])
-def test_recompute_stays_bit_exact_on_the_blocked_path(recompute, blocked_calls):
+def test_recompute_stays_bit_exact_on_the_blocked_path(recompute, dropout, blocked_calls):
     # The kernel is chosen by training mode, not grad mode, so the no-grad first pass of a
-    # checkpoint and its recompute run the same kernel.
+    # checkpoint and its recompute run the same kernel; with dropout they draw the same masks.
     def run(**overrides):
         torch.manual_seed(1)
-        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
-                                   attention_dropout=0.0, **overrides)
+        model_parallel_manual_seed(1)
+        config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=dropout,
+                                   attention_dropout=dropout, **overrides)
         block = TransformerBlock(config, get_gpt_layer_local_spec()).train()
         hidden = torch.randn(S, 1, 32, generator=torch.Generator().manual_seed(2)).requires_grad_()
         out = block(hidden, attention_mask=None)
