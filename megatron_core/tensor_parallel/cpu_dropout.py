@@ -14,6 +14,10 @@ expected output equals the input exactly. The bits come from torch's default CPU
 ``torch.manual_seed``, saved and restored RNG states and the model-parallel RNG tracker's forks
 govern them as they govern ``F.dropout``; the masks themselves differ from ``F.dropout``'s for the
 same seed. Anything that is not a CPU floating-point tensor takes ``F.dropout``.
+
+Inside ``torch.compile`` (dynamo cannot trace ``random_``: it would break the graph at every mask)
+:func:`dropout` takes ``F.dropout`` and :func:`keep_mask` compares ``torch.rand`` with ``p``, which
+inductor turns into its own random-number kernels; there ``p`` is not rounded.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ _WORDS_PER_DRAW = 64 // _BITS  # 16-bit lanes in one 64-bit draw
 
 
 def fast_dropout_applies(x: torch.Tensor) -> bool:
-    """Whether :func:`dropout` draws its own mask for ``x`` (a CPU floating-point tensor) instead of calling ``F.dropout``."""
-    return x.device.type == "cpu" and x.is_floating_point()
+    """Whether :func:`dropout` draws its own mask for ``x`` (a CPU floating-point tensor, eager) instead of calling ``F.dropout``."""
+    return x.device.type == "cpu" and x.is_floating_point() and not torch.compiler.is_compiling()
 
 
 def _check_probability(p: float) -> None:
@@ -48,6 +52,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tens
     The scale is ``1 / (1 - rounded p)``; for a rounded ``p`` of 1 the mask is all False and the scale 0.
     """
     _check_probability(p)
+    if torch.compiler.is_compiling():
+        return torch.rand(shape) >= p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
     drop_levels = round(p * _LEVELS)
     numel = 1
     for size in shape:

@@ -120,3 +120,15 @@ def test_edges_and_bad_probabilities():
     # integer tensors are not this kernel's: F.dropout decides (and refuses them)
     with pytest.raises(RuntimeError):
         dropout(torch.arange(4), 0.5)
+
+
+def test_traced_by_torch_compile_without_graph_breaks():
+    """dynamo cannot trace ``random_``; under compile the masks come from traceable ops (F.dropout, torch.rand)."""
+    torch._dynamo.reset()
+    x, residual = torch.randn(64, 64), torch.randn(64, 64)
+    for fn in (lambda x: dropout(x, 0.1), lambda x: dropout_add(x, residual, 0.1), lambda x: keep_mask(x.shape, 0.5)[0]):
+        explanation = torch._dynamo.explain(fn)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(lambda x: keep_mask(x.shape, 0.25)[0], backend="aot_eager")
+    torch.manual_seed(8)
+    assert abs(1 - compiled(torch.empty(N)).double().mean().item() - 0.25) < 5 * _sigma(0.25, N)
