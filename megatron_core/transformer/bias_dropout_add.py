@@ -5,7 +5,7 @@ residual add happen in one place. A spec slot (``self_attn_bda``, ``mlp_bda``...
 ``get_bias_dropout_add``; the layer calls it with ``(training, config.bias_dropout_fusion)`` to get
 the function for this step. The fused function draws CPU dropout masks from 16 random bits per
 element (``tensor_parallel.cpu_dropout``: ~3.5x cheaper than ``F.dropout``, drop probability rounded
-to a multiple of 2^-16) and adds the residual in the same pass; the unfused one is plain torch
+to a multiple of 2^-16) and adds the residual in two passes over the activations; the unfused one is plain torch
 (``F.dropout``'s masks). On other devices both call ``F.dropout``.
 """
 
