@@ -66,9 +66,9 @@ def category(event) -> str:
     return "norms/act/elementwise"
 
 
-def build(shape: Shape, compile_layers: bool) -> GPTModel:
+def build(shape: Shape, compile_layers: bool, dropout: float = 0.0) -> GPTModel:
     config = TransformerConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
-                               hidden_dropout=0.0, attention_dropout=0.0)
+                               hidden_dropout=dropout, attention_dropout=dropout)
     model = GPTModel(config, get_gpt_layer_local_spec(), shape.vocab, shape.seq)
     if compile_layers:
         from megatron_core.training.compile import compile_layers as compile_fn
@@ -115,7 +115,7 @@ def profile_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = build(shape, args.compile)
+    model = build(shape, args.compile, args.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if args.fused_adamw else {}))
     tokens = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     labels = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
@@ -143,6 +143,7 @@ def profile_shape(shape: Shape, args: argparse.Namespace) -> dict[str, float]:
     achieved = step_flops(model, shape) / best / 1e9
     limit = matmul_limit(shape)
     extras = (" (compiled layers)" if args.compile else "") + (" (fused AdamW)" if args.fused_adamw else "")
+    extras += f" (dropout {args.dropout})" if args.dropout else ""
     print(f"\n### {shape.name}{extras}: step {best * 1e3:.0f} ms (best of "
           f"{args.steps}), {achieved:.1f} GFLOP/s = {100 * achieved / limit:.0f}% of the matmul limit "
           f"{limit:.1f} GFLOP/s measured in this run\n")
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of every TransformerLayer")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) (training.fused_adamw)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout (default 0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fp32, fwd+bwd+AdamW")
