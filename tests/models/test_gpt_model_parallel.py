@@ -19,8 +19,10 @@ from tests.models.gpt_harness import (
     full_weights,
     make_config,
     make_steps,
+    micro_batches,
     reference,
     setup,
+    sharded_grads,
     train_steps,
 )
 
@@ -75,6 +77,29 @@ def test_layout_matches_single_process(tmp_path, world, tp, pp, num_microbatches
     # Forward-only evaluation before training: the first step's loss, and no gradients.
     assert all(r["eval_left_no_grads"] for r in per_rank)
     assert abs(per_rank[0]["eval"] - ref_losses[0]) < TOL
+
+
+def _hidden_dropout_step(tp: int) -> dict[str, Any]:
+    """One forward/backward of the whole first batch with hidden dropout 0.3 (the CPU 16-bit masks)."""
+    model, _ = setup(tp, 1, FULL, hidden_dropout=0.3)
+    batch = micro_batches(STEPS[0], 1)[0]
+    torch.manual_seed(11)  # TP ranks share the default generator's stream: replicated activations, same masks
+    loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+    loss.backward()
+    return {"loss": loss.item(), "grads": sharded_grads(model)}
+
+
+def test_tensor_parallel_hidden_dropout_matches_single_process(tmp_path):
+    reference_run = _hidden_dropout_step(1)
+    per_rank = run_distributed(_hidden_dropout_step, 2, 2, tmp_dir=tmp_path)
+    assert abs(reference_run["loss"] - _reference()[0][0]) > 1e-3  # the masks change the loss
+    ref_grads, _ = assemble([reference_run["grads"]])
+    grads, copy_gap = assemble([r["grads"] for r in per_rank])
+    for r in per_rank:
+        assert abs(r["loss"] - reference_run["loss"]) < TOL
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(grads[key], ref, atol=TOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")
+    assert copy_gap < 1e-6
 
 
 # ---------------------------------------------------------------------------- bad layouts
