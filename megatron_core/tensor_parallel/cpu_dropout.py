@@ -22,6 +22,8 @@ inductor turns into its own random-number kernels; there ``p`` is not rounded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,9 +57,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tens
     if torch.compiler.is_compiling():
         return torch.rand(shape) >= p, (1.0 / (1.0 - p) if p < 1.0 else 0.0)
     drop_levels = round(p * _LEVELS)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     draws = torch.empty(-(-numel // _WORDS_PER_DRAW), dtype=torch.int64).random_(-(2**63), None)
     lanes = draws.view(torch.int16)[:numel].view(shape)  # uniform over [-2^15, 2^15)
     keep = lanes >= drop_levels - _LEVELS // 2  # P(keep) = (2^16 - drop_levels) / 2^16
