@@ -32,20 +32,19 @@ def bias_dropout_add(
         prob: dropout probability.
         training: apply dropout when True.
     """
-    x, bias = x_with_bias
-    if bias is not None:
-        x = x + bias
-    return residual + F.dropout(x, p=prob, training=training)
+    return residual + F.dropout(_biased(x_with_bias), p=prob, training=training)
 
 
 def fused_bias_dropout_add(
     x_with_bias: tuple[torch.Tensor, torch.Tensor | None], residual: torch.Tensor, prob: float, training: bool
 ) -> torch.Tensor:
     """:func:`bias_dropout_add` with the CPU dropout of ``tensor_parallel.cpu_dropout`` (other masks, same law)."""
+    return dropout_add(_biased(x_with_bias), residual, prob, training)
+
+
+def _biased(x_with_bias: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     x, bias = x_with_bias
-    if bias is not None:
-        x = x + bias
-    return dropout_add(x, residual, prob, training)
+    return x if bias is None else x + bias
 
 
 def get_bias_dropout_add(training: bool, fused: bool = False) -> BiasDropoutAddFn:

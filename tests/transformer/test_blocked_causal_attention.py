@@ -34,14 +34,18 @@ SHAPES = [
 ]
 
 
-def _plain_causal(q, k, v, scale):
-    """softmax(q k^T * scale + causal mask) v with K/V repeated per query head; [b, np, s, hn]."""
+def _plain_causal(q, k, v, scale, keep=None, keep_scale=1.0):
+    """softmax(q k^T * scale + causal mask) v with K/V repeated per query head; [b, np, s, hn].
+
+    ``keep`` ([b, np, s, s] bool): dropout on the probabilities, kept ones scaled by ``keep_scale``.
+    """
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = q.shape[2]
     scores = q @ k.transpose(-1, -2) * scale
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    probs = torch.softmax(scores, dim=-1)
+    return (probs if keep is None else probs * keep * keep_scale) @ v
 
 
 def _inputs(b, np_, ng, s, hn, dtype):
@@ -124,16 +128,8 @@ def test_dropout_matches_plain_attention_with_the_same_masks(shape):
     torch.manual_seed(seed)
     got = _value_and_grads(lambda q, k, v: blocked_causal_attention(q, k, v, scale, dropout_p=p), inputs, grad)
     keep, keep_scale = _block_keep_masks(b, np_, ng, s, p, seed)
-
-    def plain_with_dropout(q, k, v):
-        group = np_ // ng
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1),
-                                                               float("-inf"))
-        return (torch.softmax(scores, dim=-1) * keep * keep_scale) @ v
-
     f64 = [t.detach().double().requires_grad_() for t in inputs]
-    expected = _value_and_grads(plain_with_dropout, f64, grad.double())
+    expected = _value_and_grads(lambda q, k, v: _plain_causal(q, k, v, scale, keep, keep_scale), f64, grad.double())
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5, msg=name)
 
